@@ -1,0 +1,439 @@
+"""Typed configuration: YAML files in `configs/` loaded into dataclasses.
+
+A YAML file may name a `base:` file (relative to itself) whose values it extends. Any field can be
+overridden from the command line as `section.field=value` (the value is parsed as YAML). Unknown keys,
+values of the wrong type and impossible combinations raise `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or inconsistent; the message names the key."""
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT vision tower (HF `CLIPVisionModel` semantics)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    patch_size: int = 14
+    # Input size the position table is built for (PixelLM: 448 -> 32x32 patches).
+    image_size: int = 448
+    # Size of the source checkpoint's position table (openai/clip-vit-large-patch14-336).
+    pretrained_image_size: int = 336
+    layer_norm_eps: float = 1e-5
+    # Indices into hidden_states (len num_layers + 1; 0 = pre_layrnorm(embeddings)); negative
+    # indices count from the end. PixelLM: [-2, -11] = layers 23 and 14 of ViT-L (deep, shallow).
+    feature_layers: list[int] = field(default_factory=lambda: [-2, -11])
+    # How a position table for image_size is derived from pretrained_image_size:
+    # "official" = PixelLM's bilinear construction with its off-by-one; "hf" = transformers bicubic.
+    position_interpolation: Literal["official", "hf"] = "official"
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class TextConfig:
+    """LLaMA decoder (HF `LlamaForCausalLM` semantics)."""
+
+    vocab_size: int = 32009
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    # Rematerialisation of decoder layers: none | full | dots (save only matmul outputs).
+    remat: Literal["none", "full", "dots"] = "none"
+    # Run the decoder layers with nnx.scan over a stacked parameter axis.
+    scan_layers: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on LLaMA projections (PixelLM: q_proj, v_proj, r=8, alpha=16)."""
+
+    enabled: bool = True
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class ProjectorConfig:
+    """Vision -> LLM (`mm_projector`) and vision -> decoder (`out_mm_projector`) MLPs."""
+
+    # Hidden width = hidden_mult * LLM hidden size (official: 2, i.e. 1024 -> 2H -> H).
+    hidden_mult: int = 2
+    # Side of the pooled image-token grid given to the LLM (official: 32x32 patches -> 16x16).
+    llm_grid: int = 16
+    # Separate out_mm_projector for the decoder features (official: true).
+    separate_out_projector: bool = True
+
+
+@dataclass
+class HeadConfig:
+    """Segmentation codebook, token fusion and multi-scale pixel decoder."""
+
+    seg_token_num: int = 3  # N: tokens per level
+    scale_num: int = 2  # L: feature levels (0 = deep, 1 = shallow)
+    out_dim: int = 256
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    attention_downsample: int = 2
+    num_mask_tokens: int = 4
+    # "official": fixed weights 1/(N*L) per token; "paper": learned linear projection phi.
+    token_fusion: Literal["official", "paper"] = "official"
+    # "official": fixed 1/L per level; "paper": learned weights normalised to sum to 1.
+    scale_fusion: Literal["official", "paper"] = "official"
+    # Train the prompt encoder and neck (official keeps them frozen at their random init).
+    train_prompt_encoder_and_neck: bool = False
+
+    @property
+    def num_seg_tokens(self) -> int:
+        return self.seg_token_num * self.scale_num
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    # Compute dtype and storage dtype of frozen parameters; trainable ones are always float32.
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    frozen_param_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+
+
+@dataclass
+class LossConfig:
+    ce_weight: float = 1.0
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+    # Target refinement loss (paper): BCE weighted alpha on pixels where >= 2 masks overlap.
+    refinement: bool = False
+    refinement_alpha: float = 2.0
+    refinement_weight: float = 2.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then linear decay (official DeepSpeed WarmupDecayLR)."""
+
+    learning_rate: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    total_steps: int = 5000
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 10
+    micro_batch_size: int = 2
+
+
+@dataclass
+class MeshConfig:
+    """Named device mesh; one axis may be -1 (all remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class DataConfig:
+    datasets: list[str] = field(default_factory=lambda: ["sem_seg", "refer_seg", "vqa", "muse"])
+    sample_rates: list[float] = field(default_factory=lambda: [2.0, 9.0, 2.0, 4.0])
+    model_max_length: int = 512
+    num_classes_per_sample: int = 3
+    num_classes_per_question: int = 3
+    # Input normalisation: "official" = ImageNet constants on 0-255; "clip" = CLIP constants.
+    normalization: Literal["official", "clip"] = "official"
+
+
+@dataclass
+class Config:
+    name: str = ""
+    seed: int = 0
+    # "official" reproduces the released checkpoints; "paper" follows the paper where they differ.
+    mode: Literal["official", "paper"] = "official"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checking.
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[k] = _check_value(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base' chain")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+    return data
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A path to a YAML file, or the bare name of one in the project's `configs/`."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    return CONFIG_DIR / f"{p}.yaml"
+
+
+def apply_override(data: dict, override: str) -> dict:
+    """Apply one `section.field=value` override to a raw config dict."""
+    if "=" not in override:
+        raise ConfigError(f"{override!r}: overrides are written section.field=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from e
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(name_or_path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (path or bare name in `configs/`), apply overrides, type-check, validate."""
+    path = resolve_config_path(name_or_path)
+    data = _read_yaml(path)
+    for o in overrides:
+        data = apply_override(data, o)
+    data.setdefault("name", path.stem)
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency checks across fields.
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for impossible combinations, naming the offending key."""
+    v, t, lo, h = cfg.model.vision, cfg.model.text, cfg.model.lora, cfg.model.head
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size", "image_size"):
+        _require(getattr(v, name) > 0, f"model.vision.{name}", "must be positive")
+    _require(v.hidden_size % v.num_heads == 0, "model.vision.num_heads",
+             f"must divide model.vision.hidden_size={v.hidden_size}")
+    _require(v.image_size % v.patch_size == 0, "model.vision.image_size",
+             f"must be a multiple of model.vision.patch_size={v.patch_size}")
+    _require(v.pretrained_image_size % v.patch_size == 0, "model.vision.pretrained_image_size",
+             f"must be a multiple of model.vision.patch_size={v.patch_size}")
+    n_states = v.num_layers + 1
+    for i, layer in enumerate(v.feature_layers):
+        _require(-n_states <= layer < n_states, f"model.vision.feature_layers[{i}]",
+                 f"{layer} is outside the {n_states} hidden states of a {v.num_layers}-layer tower")
+    _require(len(v.feature_layers) >= 1, "model.vision.feature_layers", "needs at least one layer")
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        _require(getattr(t, name) > 0, f"model.text.{name}", "must be positive")
+    _require(t.hidden_size % t.num_heads == 0, "model.text.num_heads",
+             f"must divide model.text.hidden_size={t.hidden_size}")
+    _require(t.head_dim % 2 == 0, "model.text.num_heads", f"gives odd head_dim={t.head_dim}; RoPE needs even")
+    _require(t.num_heads % t.num_kv_heads == 0, "model.text.num_kv_heads",
+             f"must divide model.text.num_heads={t.num_heads}")
+
+    if lo.enabled:
+        _require(lo.rank > 0, "model.lora.rank", "must be positive")
+        _require(0.0 <= lo.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
+        allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        for i, tgt in enumerate(lo.targets):
+            _require(tgt in allowed, f"model.lora.targets[{i}]", f"{tgt!r} is not one of {sorted(allowed)}")
+
+    p = cfg.model.projector
+    _require(p.hidden_mult > 0, "model.projector.hidden_mult", "must be positive")
+    _require(p.llm_grid > 0 and v.grid % p.llm_grid == 0, "model.projector.llm_grid",
+             f"must divide the vision grid {v.grid} (= image_size / patch_size)")
+
+    _require(h.seg_token_num >= 1, "model.head.seg_token_num", "must be >= 1")
+    _require(h.scale_num >= 1, "model.head.scale_num", "must be >= 1")
+    _require(h.scale_num <= len(v.feature_layers), "model.head.scale_num",
+             f"needs that many model.vision.feature_layers (have {len(v.feature_layers)})")
+    _require(h.out_dim % h.decoder_heads == 0, "model.head.decoder_heads", f"must divide out_dim={h.out_dim}")
+    _require((h.out_dim // h.attention_downsample) % h.decoder_heads == 0, "model.head.attention_downsample",
+             "out_dim / attention_downsample must be divisible by decoder_heads")
+    _require(h.out_dim % 8 == 0, "model.head.out_dim", "must be a multiple of 8 (upscaling to out_dim/8)")
+    _require(h.num_mask_tokens >= 1, "model.head.num_mask_tokens", "must be >= 1")
+
+    if cfg.mode == "official":
+        _require(h.token_fusion == "official", "model.head.token_fusion",
+                 "mode 'official' needs token_fusion 'official' (released checkpoints use fixed weights)")
+        _require(h.scale_fusion == "official", "model.head.scale_fusion",
+                 "mode 'official' needs scale_fusion 'official'")
+        _require(not cfg.loss.refinement, "loss.refinement", "mode 'official' has no target refinement loss")
+
+    _require(cfg.loss.refinement_alpha >= 1.0, "loss.refinement_alpha", "must be >= 1")
+    o = cfg.optim
+    _require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", "betas must be in [0, 1)")
+    _require(o.warmup_steps <= o.total_steps, "optim.warmup_steps", f"exceeds optim.total_steps={o.total_steps}")
+    _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+    _require(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
+
+    m = cfg.mesh
+    sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
+    for k, s in sizes.items():
+        _require(s == -1 or s >= 1, f"mesh.{k}", "must be >= 1 or -1")
+    _require(sum(s == -1 for s in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
+
+    d = cfg.data
+    _require(len(d.datasets) == len(d.sample_rates), "data.sample_rates",
+             f"needs one rate per entry of data.datasets ({len(d.datasets)})")
+    for i, r in enumerate(d.sample_rates):
+        _require(r >= 0, f"data.sample_rates[{i}]", "must be >= 0")
+    _require(d.model_max_length > 0, "data.model_max_length", "must be positive")

@@ -1,0 +1,1 @@
+"""Network parts of PixelLM, one file each."""

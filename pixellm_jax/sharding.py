@@ -1,0 +1,95 @@
+"""Logical axis names and the rule table that maps them onto the device mesh.
+
+Modules name the axes of every parameter logically (`embed`, `mlp`, `heads`, ...); this table alone
+decides how those names land on the mesh axes `data`, `fsdp` and `tensor`, so sharding changes never
+touch the modules.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated)
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+    # LLaMA
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "layers": None,
+    "lora_rank": None,
+    # CLIP and projectors
+    "vision_embed": "fsdp",
+    "vision_mlp": "tensor",
+    "vision_heads": "tensor",
+    "vision_positions": None,
+    "patch": None,
+    # pixel decoder: small, replicated
+    "decoder_embed": None,
+    "decoder_mlp": None,
+    "decoder_tokens": None,
+    "conv": None,
+}
+
+
+def logical_spec(axes: Sequence[str | None], rules: Mapping[str, object] = LOGICAL_RULES) -> PartitionSpec:
+    """PartitionSpec for logical axis names; a mesh axis is used at most once per spec."""
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule (known: {sorted(rules)})")
+        target = rules[name]
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        free = tuple(t for t in targets if t not in used)
+        used.update(free)
+        out.append(None if not free else free[0] if len(free) == 1 else free)
+    return PartitionSpec(*out)
+
+
+def logical_axes(state: nnx.State) -> nnx.State:
+    """The logical axis names of every parameter in `state` (from its `out_sharding` metadata)."""
+
+    def get(x):
+        axes = x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
+        return axes
+
+    return jax.tree.map(get, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, object] = LOGICAL_RULES):
+    """NamedSharding for every variable of `state`; variables without axis names are replicated.
+
+    A mesh axis that does not divide a dimension is dropped for that dimension, so small tensors
+    (norm scales, LoRA factors) stay replicated instead of failing.
+    """
+
+    def one(x):
+        axes = x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
+        shape = x.value.shape if isinstance(x, nnx.Variable) else ()
+        if axes is None:
+            return NamedSharding(mesh, PartitionSpec())
+        spec = logical_spec(axes, rules)
+        fitted = []
+        for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            size = 1
+            for n in names:
+                size *= mesh.shape[n]
+            fitted.append(entry if size and dim % size == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*fitted))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

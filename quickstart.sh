@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up a virtual environment from this project's own files, then run one job:
+#   bash quickstart.sh demo   the main job on the built-in demo data
+#   bash quickstart.sh test   the test suite
+# VENV (default .venv) picks the environment; PIP_CONSTRAINT pins versions (CI uses .ci/constraints.txt).
+set -euo pipefail
+cd "$(dirname "$0")"
+job="${1:-demo}"
+venv="${VENV:-.venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+"$py" -m pip install -q --upgrade pip
+case "$job" in
+  demo)
+    "$py" -m pip install -q -e .
+    exec "$venv/bin/pixellm" describe --config configs/pixellm_7b.yaml --run-tiny configs/tiny.yaml
+    ;;
+  test)
+    "$py" -m pip install -q -e '.[dev]'
+    exec "$py" -m pytest -q -n "${PYTEST_WORKERS:-2}" tests
+    ;;
+  *)
+    echo "usage: bash quickstart.sh demo|test" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,41 @@
+"""pixellm-jax: PixelLM (multi-target reasoning segmentation LMM) in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.7",
+    "flax>=0.12",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.12",
+    "numpy>=1.26",
+    "scipy>=1.11",
+    "pyyaml>=6",
+    "transformers>=4.46",  # tokenizers and checkpoint reading; no torch needed for that
+    "tokenizers>=0.20",
+    "sentencepiece>=0.2",
+    "safetensors>=0.4",
+    "ml_dtypes>=0.4",
+    "pillow>=10",
+    "tqdm>=4.66",
+]
+TORCH = ["torch>=2.4"]  # conversion, export and parity references
+DATA = ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "pycocotools>=2.0.7"]
+DEV = TORCH + [
+    "pytest>=8",
+    "pytest-xdist>=3.5",
+    "peft>=0.13",
+    "segment-anything>=1.0",
+    "pycocotools>=2.0.7",
+]
+
+setup(
+    name="pixellm-jax",
+    version="0.1.0",
+    description="PixelLM in JAX/Flax NNX: sharded training, PyTorch weight conversion, jitted evaluation",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pixellm_jax", "pixellm_jax.*"]),
+    install_requires=CORE,
+    extras_require={"torch": TORCH, "data": DATA, "dev": DEV},
+    entry_points={"console_scripts": ["pixellm=pixellm_jax.cli:main"]},
+)

@@ -1,0 +1,80 @@
+"""Config loading: YAML -> typed dataclasses, overrides, and errors that name the key."""
+
+import pytest
+
+from pixellm_jax.config import CONFIG_DIR, ConfigError, Config, dump_config, load_config
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    assert cfg.name == name
+    # a dump reloads to the same config
+    assert load_config(name) == cfg and dump_config(cfg)
+
+
+def test_official_values():
+    c7 = load_config("pixellm_7b")
+    t = c7.model.text
+    assert (t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.vocab_size) == (4096, 11008, 32, 32, 32009)
+    assert t.rms_norm_eps == 1e-6
+    assert c7.model.vision.feature_layers == [-2, -11] and c7.model.vision.image_size == 448
+    assert (c7.model.head.seg_token_num, c7.model.head.scale_num) == (3, 2)
+    assert (c7.optim.learning_rate, c7.optim.b2, c7.optim.grad_accum_steps) == (3e-4, 0.95, 10)
+    assert c7.data.sample_rates == [2.0, 9.0, 2.0, 4.0]
+    c13 = load_config("pixellm_13b")
+    assert (c13.model.text.hidden_size, c13.model.text.num_layers, c13.model.text.rms_norm_eps) == (5120, 40, 1e-5)
+    # inherited from the 7B base
+    assert c13.model.vision == c7.model.vision and c13.optim == c7.optim
+    paper = load_config("pixellm_7b_paper")
+    assert paper.mode == "paper" and paper.model.head.token_fusion == "paper" and paper.loss.refinement
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["model.text.num_layers=3", "optim.learning_rate=1e-3", "model.lora.targets=[q_proj]"])
+    assert cfg.model.text.num_layers == 3
+    assert cfg.optim.learning_rate == 1e-3
+    assert cfg.model.lora.targets == ["q_proj"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.text.num_layer=3", "model.text.num_layer"),  # unknown key
+        ("model.nope.x=1", "model.nope"),  # unknown section
+        ("model.text.num_layers=two", "model.text.num_layers"),  # wrong type
+        ("model.text.num_layers=2.5", "model.text.num_layers"),
+        ("model.lora.enabled=1", "model.lora.enabled"),
+        ("model.head.token_fusion=learned", "model.head.token_fusion"),  # not a choice
+        ("model.text.num_kv_heads=3", "model.text.num_kv_heads"),  # impossible combination
+        ("model.vision.feature_layers=[-2,-30]", "model.vision.feature_layers[1]"),
+        ("model.head.token_fusion=paper", "model.head.token_fusion"),  # paper fusion in official mode
+        ("loss.refinement=true", "loss.refinement"),
+        ("data.sample_rates=[1,2]", "data.sample_rates"),
+        ("mesh.fsdp=-1", None),  # valid: control case
+        ("mesh.data=-1", "mesh"),  # two -1 axes
+        ("model.text", "model.text"),  # no '='
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    if key is None:
+        load_config("tiny", [override])
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert key in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  text: [1, 2\n")
+    with pytest.raises(ConfigError, match="a.yaml.*not valid YAML"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "d.yaml").write_text(f"base: {CONFIG_DIR / 'tiny.yaml'}\nmodel:\n  text:\n    hidden_size: 96\n")
+    assert load_config(tmp_path / "d.yaml").model.text.hidden_size == 96
