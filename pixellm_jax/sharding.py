@@ -79,7 +79,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, object] = 
 
     def one(x):
         axes = x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
-        shape = x.value.shape if isinstance(x, nnx.Variable) else ()
+        shape = x.get_value().shape if isinstance(x, nnx.Variable) else ()
         if axes is None:
             return NamedSharding(mesh, PartitionSpec())
         spec = logical_spec(axes, rules)
