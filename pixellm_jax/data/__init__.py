@@ -1,0 +1,1 @@
+"""Datasets, conversation templates, transforms and the Grain input pipeline."""
