@@ -1,0 +1,349 @@
+"""The Grain input pipeline: sources → mixture → shuffle → this process's share → samples → batches.
+
+Stages (all deterministic for a seed):
+  1. Each random-access `Source` is shuffled (its own seed, reshuffled every pass) and repeated
+     without end; `grain.MapDataset.mix` interleaves them by `sample_rates` (official sem_seg :
+     refer_seg : vqa : muse = 2 : 9 : 2 : 4).
+  2. The mixed stream is cut into epochs of `epoch_size` records, each shuffled with its own seed
+     (Grain's window shuffle); `num_epochs` bounds the stream (None = endless). The position of a
+     record in this stream is its `stream_index`.
+  3. Process p of P keeps records p, p + P, p + 2P, ... (`process_index` / `process_count`; default
+     `jax.process_index()` / `jax.process_count()`), so shares are disjoint and cover each epoch.
+  4. Per record, in Grain worker processes when `num_workers > 0`: `Source.get(index, rng)` with
+     rng = default_rng([seed, stream_index]), image preprocessing (`transforms`), tokenisation with
+     labels and truncation (`conversation`), GT masks onto the fixed canvas.
+  5. Batches of `images_per_batch` samples are packed into fixed shapes (below) in the main process.
+The iterator's position is Grain state: `it.get_state()` / `it.set_state(state)` on the iterator from
+`iter(pipeline)` resumes with exactly the same batches (the trainer stores it with the checkpoint).
+
+Dropped data is counted in `pipeline.stats` and logged with the sample id:
+  * a `BadSample` from a source, or a sample the transforms reject (ValueError), is skipped and
+    counted (`on_bad_sample="skip"`) or re-raised naming the sample (`"raise"`);
+  * a conversation with more than `max_targets` targets, one whose codebook tokens the truncation cut,
+    one longer than the largest bucket, and one that does not fit the `conversations_per_batch`
+    slots of its batch is dropped; a sample left without conversations is dropped.
+
+Batch schema (dict of numpy arrays; Bi = images_per_batch, Q = conversations_per_batch,
+M = max_targets, S = image_size, C = mask_size, T = the smallest `token_buckets` entry that fits the
+batch's longest conversation):
+  pixels          [Bi, S, S, 3] float32  normalised, zero-padded images
+  resized_hw      [Bi, 2] int32          (h', w') after the longest-side resize (ViT / LLM key masks)
+  original_hw     [Bi, 2] int32          (H, W) of the source image (evaluation resolution)
+  mask_hw         [Bi, 2] int32          resolution of the GT masks on the canvas (≤ C, see transforms)
+  image_valid     [Bi] bool              False for padding rows of a last, partial batch
+  stream_index    [Bi] int64             position of the record in the stream, −1 for padding
+  input_ids       [Q, T] int32           text ids with one IMAGE_TOKEN (−200); pad id after the end
+  attention_mask  [Q, T] bool            True on real tokens
+  labels          [Q, T] int32           −100 where not supervised
+  conv_image      [Q] int32              image row of each conversation (0 for padding)
+  conv_valid      [Q] bool
+  masks           [Q, M, C, C] bool      GT masks in answer order, valid region [:mask_hw]
+  mask_valid      [Q, M] bool
+Per-target pixel validity for the loss is `arange(C) < mask_hw[conv_image]` per axis, which is also
+what `postprocess_masks(logits, resized_hw, mask_hw, (C, C))` returns as `valid`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import grain
+import numpy as np
+
+from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_training
+from pixellm_jax.data.sample import BadSample, Sample, Source
+from pixellm_jax.data.transforms import masks_to_canvas, preprocess_image
+from pixellm_jax.models.multimodal import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    """Knobs of the input pipeline (shapes, mixture, determinism, workers, bad-data policy)."""
+
+    images_per_batch: int = 2
+    conversations_per_batch: int = 6
+    max_targets: int = 3  # per conversation
+    token_buckets: list[int] = field(default_factory=lambda: [64, 128, 257])
+    image_size: int = 448
+    mask_size: int = 448
+    normalization: Literal["official", "clip"] = "official"
+    model_max_length: int = 512
+    n_image_tokens: int = 256  # LLM image tokens per image (llm_grid²)
+    use_im_start_end: bool = True
+    seed: int = 0
+    epoch_size: int | None = None  # None: the most records with no source repeating within an epoch
+    num_epochs: int | None = None  # None: endless
+    drop_remainder: bool = True
+    num_workers: int = 0  # Grain worker processes for stage 4 (0: in this process)
+    worker_buffer_size: int = 2
+    read_threads: int = 1  # threads per process reading records ahead
+    prefetch_buffer_size: int = 8
+    on_bad_sample: Literal["skip", "raise"] = "skip"
+
+    @property
+    def max_text_len(self) -> int:
+        """Text tokens kept per conversation: model_max_length − (n_image_tokens − 1) (official 257)."""
+        return self.model_max_length - (self.n_image_tokens - 1)
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"PipelineConfig: {msg}")
+
+        need(self.images_per_batch > 0 and self.conversations_per_batch > 0, "batch sizes must be positive")
+        need(self.max_targets > 0, "max_targets must be positive")
+        need(len(self.token_buckets) > 0 and all(b > 0 for b in self.token_buckets), "token_buckets must be positive")
+        need(list(self.token_buckets) == sorted(set(self.token_buckets)), "token_buckets must be strictly increasing")
+        need(self.max_text_len > 0, "model_max_length must exceed n_image_tokens - 1")
+        need(self.mask_size > 0 and self.image_size > 0, "image_size and mask_size must be positive")
+        need(self.on_bad_sample in ("skip", "raise"), f"on_bad_sample must be skip|raise, got {self.on_bad_sample!r}")
+        need(self.normalization in ("official", "clip"), f"unknown normalization {self.normalization!r}")
+        need(self.epoch_size is None or self.epoch_size > 0, "epoch_size must be positive")
+        need(self.num_epochs is None or self.num_epochs > 0, "num_epochs must be positive")
+
+
+@dataclass
+class PreparedConversation:
+    input_ids: np.ndarray  # [t] int32
+    labels: np.ndarray  # [t] int32
+    masks: np.ndarray  # [k, C, C] bool
+
+
+@dataclass
+class PreparedSample:
+    sample_id: str
+    stream_index: int
+    pixels: np.ndarray
+    resized_hw: tuple[int, int]
+    original_hw: tuple[int, int]
+    mask_hw: tuple[int, int]
+    conversations: list[PreparedConversation]
+    dropped: list[str]  # reasons of conversations dropped while preparing
+
+
+@dataclass
+class Rejected:
+    """A record that could not be used; counted or raised in the main process."""
+
+    sample_id: str
+    reason: str
+    stream_index: int
+
+
+@dataclass
+class PipelineStats:
+    """Counts of what the pipeline dropped (of this iterator's life, not part of its saved state)."""
+
+    bad_samples: int = 0
+    dropped: collections.Counter = field(default_factory=collections.Counter)
+    samples: int = 0
+    batches: int = 0
+
+
+class _Keys:
+    """Random-access (source, index) pairs of one source; the data is read later, per record."""
+
+    def __init__(self, source_id: int, length: int):
+        self.source_id, self.length = source_id, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return self.source_id, int(index)
+
+
+class _Prepare:
+    """Stage 4: read a record and turn it into a `PreparedSample` (runs in worker processes)."""
+
+    def __init__(self, sources: Sequence[Source], tokenizer: LegacyTokenizer, cfg: PipelineConfig):
+        self.sources, self.tokenizer, self.cfg = list(sources), tokenizer, cfg
+
+    def __call__(self, stream_index: int, key: tuple[int, int]) -> PreparedSample | Rejected:
+        source = self.sources[key[0]]
+        fallback_id = f"{source.name}:{key[1]}"
+        rng = np.random.default_rng([self.cfg.seed, stream_index])
+        try:
+            sample = source.get(key[1], rng)
+        except BadSample as e:
+            return Rejected(e.sample_id, e.reason, stream_index)
+        except ValueError as e:  # e.g. a Sample whose image and masks disagree
+            return Rejected(fallback_id, str(e), stream_index)
+        try:
+            return self.prepare(sample, stream_index)
+        except ValueError as e:
+            return Rejected(sample.sample_id, str(e), stream_index)
+
+    def prepare(self, sample: Sample, stream_index: int) -> PreparedSample:
+        cfg, tok = self.cfg, self.tokenizer
+        image = preprocess_image(sample.image, cfg.image_size, cfg.normalization)
+        group = len(tok.seg_ids)
+        conversations, dropped = [], []
+        mask_hw = image.original_hw
+        for c in sample.conversations:
+            k = c.masks.shape[0]
+            if k > cfg.max_targets:
+                dropped.append("too_many_targets")
+                continue
+            t = tokenize_training(tok, c.turns, cfg.max_text_len, cfg.use_im_start_end)
+            if t.num_seg_tokens != k * group:
+                if not t.truncated:
+                    raise ValueError(f"{t.num_seg_tokens} codebook tokens for {k} masks")
+                dropped.append("targets_truncated")
+                continue
+            if len(t.input_ids) > cfg.token_buckets[-1]:
+                dropped.append("longer_than_largest_bucket")
+                continue
+            masks, mask_hw = masks_to_canvas(c.masks, cfg.mask_size)
+            conversations.append(PreparedConversation(t.input_ids, t.labels, masks))
+        return PreparedSample(
+            sample.sample_id, stream_index, image.pixels, image.resized_hw, image.original_hw,
+            mask_hw, conversations, dropped,
+        )
+
+
+def _mark_absl_flags_parsed() -> None:
+    """Grain's worker start reads absl flags; outside an absl app they are unparsed, so use defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class InputPipeline:
+    """Batches of fixed shapes for one process, from `sources` mixed by `sample_rates`.
+
+    `iter(pipeline)` gives a Grain `DatasetIterator` of batch dicts (schema in the module doc), with
+    `get_state()` / `set_state()`. `stats` counts the dropped data of the iterators it made.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        tokenizer: LegacyTokenizer,
+        cfg: PipelineConfig,
+        sample_rates: Sequence[float] | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        cfg.validate()
+        if not sources:
+            raise ValueError("InputPipeline needs at least one source")
+        empty = [s.name for s in sources if len(s) == 0]
+        if empty:
+            raise ValueError(f"empty data source(s): {empty}")
+        rates = [1.0] * len(sources) if sample_rates is None else [float(r) for r in sample_rates]
+        if len(rates) != len(sources) or min(rates) <= 0:
+            raise ValueError(f"need one positive sample rate per source, got {rates} for {len(sources)} sources")
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.cfg, self.sources, self.tokenizer = cfg, list(sources), tokenizer
+        self.sample_rates = rates
+        self.process_index, self.process_count = process_index, process_count
+        self.epoch_size = cfg.epoch_size or int(min(len(s) * sum(rates) / r for s, r in zip(sources, rates)))
+        self.stats = PipelineStats()
+
+    def records(self) -> grain.MapDataset:
+        """This process's share of the stream, as PreparedSample / Rejected records (stages 1–4)."""
+        cfg = self.cfg
+        parts = []
+        for i, source in enumerate(self.sources):
+            seed = int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0])
+            parts.append(grain.MapDataset.source(_Keys(i, len(source))).shuffle(seed=seed).repeat())
+        mixed = grain.MapDataset.mix(parts, self.sample_rates) if len(parts) > 1 else parts[0]
+        stream = grain.experimental.WindowShuffleMapDataset(mixed, window_size=self.epoch_size, seed=cfg.seed)
+        if cfg.num_epochs is not None:
+            stream = stream[: self.epoch_size * cfg.num_epochs]
+        stream = stream.map_with_index(_Prepare(self.sources, self.tokenizer, cfg))
+        return stream[self.process_index :: self.process_count]
+
+    def dataset(self) -> grain.IterDataset:
+        """Stages 1–5 as a Grain IterDataset of batch dicts."""
+        cfg = self.cfg
+        ds = self.records().to_iter_dataset(
+            grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
+        )
+        if cfg.num_workers > 0:
+            _mark_absl_flags_parsed()
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size)
+            )
+        ds = ds.filter(self._keep)
+        return ds.batch(cfg.images_per_batch, drop_remainder=cfg.drop_remainder, batch_fn=self._collate)
+
+    def __iter__(self):
+        return iter(self.dataset())
+
+    # -- main-process stages ----------------------------------------------------------------------
+
+    def _drop(self, reason: str, sample_id: str) -> None:
+        self.stats.dropped[reason] += 1
+        log.warning("dropped a conversation of %s (%s; %d so far)", sample_id, reason, self.stats.dropped[reason])
+
+    def _keep(self, record: PreparedSample | Rejected) -> bool:
+        if isinstance(record, Rejected):
+            if self.cfg.on_bad_sample == "raise":
+                raise BadSample(record.sample_id, record.reason)
+            self.stats.bad_samples += 1
+            log.warning("skipped bad sample %s: %s (%d so far)", record.sample_id, record.reason, self.stats.bad_samples)
+            return False
+        for reason in record.dropped:
+            self._drop(reason, record.sample_id)
+        if not record.conversations:
+            self.stats.dropped["sample_without_conversations"] += 1
+            log.warning("dropped sample %s: no usable conversation", record.sample_id)
+            return False
+        return True
+
+    def _collate(self, records: Sequence[PreparedSample]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        bi, q, m, c, s = cfg.images_per_batch, cfg.conversations_per_batch, cfg.max_targets, cfg.mask_size, cfg.image_size
+        convs = [(row, conv) for row, r in enumerate(records) for conv in r.conversations]
+        for row, _ in convs[q:]:
+            self._drop("batch_full", records[row].sample_id)
+        convs = convs[:q]
+        longest = max(len(conv.input_ids) for _, conv in convs)
+        t = next(b for b in cfg.token_buckets if b >= longest)
+        batch = {
+            "pixels": np.zeros((bi, s, s, 3), np.float32),
+            "resized_hw": np.zeros((bi, 2), np.int32),
+            "original_hw": np.zeros((bi, 2), np.int32),
+            "mask_hw": np.zeros((bi, 2), np.int32),
+            "image_valid": np.zeros((bi,), bool),
+            "stream_index": np.full((bi,), -1, np.int64),
+            "input_ids": np.full((q, t), self.tokenizer.pad_id, np.int32),
+            "attention_mask": np.zeros((q, t), bool),
+            "labels": np.full((q, t), IGNORE_INDEX, np.int32),
+            "conv_image": np.zeros((q,), np.int32),
+            "conv_valid": np.zeros((q,), bool),
+            "masks": np.zeros((q, m, c, c), bool),
+            "mask_valid": np.zeros((q, m), bool),
+        }
+        for row, r in enumerate(records):
+            batch["pixels"][row] = r.pixels
+            batch["resized_hw"][row] = r.resized_hw
+            batch["original_hw"][row] = r.original_hw
+            batch["mask_hw"][row] = r.mask_hw
+            batch["image_valid"][row] = True
+            batch["stream_index"][row] = r.stream_index
+        for j, (row, conv) in enumerate(convs):
+            n, k = len(conv.input_ids), conv.masks.shape[0]
+            batch["input_ids"][j, :n] = conv.input_ids
+            batch["attention_mask"][j, :n] = True
+            batch["labels"][j, :n] = conv.labels
+            batch["conv_image"][j] = row
+            batch["conv_valid"][j] = True
+            batch["masks"][j, :k] = conv.masks
+            batch["mask_valid"][j, :k] = True
+        self.stats.samples += len(records)
+        self.stats.batches += 1
+        return batch
