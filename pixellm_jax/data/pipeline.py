@@ -48,14 +48,14 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import grain
 import numpy as np
 
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_training
 from pixellm_jax.data.sample import BadSample, Sample, Source
-from pixellm_jax.data.transforms import masks_to_canvas, preprocess_image
+from pixellm_jax.data.transforms import mask_shape, masks_to_canvas, preprocess_image
 from pixellm_jax.models.multimodal import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -107,15 +107,15 @@ class PipelineConfig:
         need(self.num_epochs is None or self.num_epochs > 0, "num_epochs must be positive")
 
 
-@dataclass
-class PreparedConversation:
+class PreparedConversation(NamedTuple):
     input_ids: np.ndarray  # [t] int32
     labels: np.ndarray  # [t] int32
     masks: np.ndarray  # [k, C, C] bool
 
 
-@dataclass
-class PreparedSample:
+class PreparedSample(NamedTuple):
+    """One prepared record. Named tuples let Grain move the arrays through shared memory."""
+
     sample_id: str
     stream_index: int
     pixels: np.ndarray
@@ -137,7 +137,7 @@ class Rejected:
 
 @dataclass
 class PipelineStats:
-    """Counts of what the pipeline dropped (of this iterator's life, not part of its saved state)."""
+    """What this pipeline's iterators produced and dropped (not part of the saved iterator state)."""
 
     bad_samples: int = 0
     dropped: collections.Counter = field(default_factory=collections.Counter)
@@ -184,7 +184,6 @@ class _Prepare:
         image = preprocess_image(sample.image, cfg.image_size, cfg.normalization)
         group = len(tok.seg_ids)
         conversations, dropped = [], []
-        mask_hw = image.original_hw
         for c in sample.conversations:
             k = c.masks.shape[0]
             if k > cfg.max_targets:
@@ -199,11 +198,11 @@ class _Prepare:
             if len(t.input_ids) > cfg.token_buckets[-1]:
                 dropped.append("longer_than_largest_bucket")
                 continue
-            masks, mask_hw = masks_to_canvas(c.masks, cfg.mask_size)
+            masks, _ = masks_to_canvas(c.masks, cfg.mask_size)
             conversations.append(PreparedConversation(t.input_ids, t.labels, masks))
         return PreparedSample(
             sample.sample_id, stream_index, image.pixels, image.resized_hw, image.original_hw,
-            mask_hw, conversations, dropped,
+            mask_shape(image.original_hw, cfg.mask_size), conversations, dropped,
         )
 
 
@@ -252,8 +251,8 @@ class InputPipeline:
         self.epoch_size = cfg.epoch_size or int(min(len(s) * sum(rates) / r for s, r in zip(sources, rates)))
         self.stats = PipelineStats()
 
-    def records(self) -> grain.MapDataset:
-        """This process's share of the stream, as PreparedSample / Rejected records (stages 1–4)."""
+    def stream(self) -> grain.MapDataset:
+        """The global stream of (source id, record index) keys, all processes together (stages 1–2)."""
         cfg = self.cfg
         parts = []
         for i, source in enumerate(self.sources):
@@ -263,8 +262,12 @@ class InputPipeline:
         stream = grain.experimental.WindowShuffleMapDataset(mixed, window_size=self.epoch_size, seed=cfg.seed)
         if cfg.num_epochs is not None:
             stream = stream[: self.epoch_size * cfg.num_epochs]
-        stream = stream.map_with_index(_Prepare(self.sources, self.tokenizer, cfg))
-        return stream[self.process_index :: self.process_count]
+        return stream
+
+    def records(self) -> grain.MapDataset:
+        """This process's share of the stream as PreparedSample / Rejected records (stages 1–4)."""
+        prepared = self.stream().map_with_index(_Prepare(self.sources, self.tokenizer, self.cfg))
+        return prepared[self.process_index :: self.process_count]
 
     def dataset(self) -> grain.IterDataset:
         """Stages 1–5 as a Grain IterDataset of batch dicts."""
@@ -294,7 +297,8 @@ class InputPipeline:
             if self.cfg.on_bad_sample == "raise":
                 raise BadSample(record.sample_id, record.reason)
             self.stats.bad_samples += 1
-            log.warning("skipped bad sample %s: %s (%d so far)", record.sample_id, record.reason, self.stats.bad_samples)
+            log.warning("skipped bad sample %s: %s (%d so far)",
+                        record.sample_id, record.reason, self.stats.bad_samples)
             return False
         for reason in record.dropped:
             self._drop(reason, record.sample_id)
@@ -306,7 +310,8 @@ class InputPipeline:
 
     def _collate(self, records: Sequence[PreparedSample]) -> dict[str, np.ndarray]:
         cfg = self.cfg
-        bi, q, m, c, s = cfg.images_per_batch, cfg.conversations_per_batch, cfg.max_targets, cfg.mask_size, cfg.image_size
+        bi, q, m = cfg.images_per_batch, cfg.conversations_per_batch, cfg.max_targets
+        c, s = cfg.mask_size, cfg.image_size
         convs = [(row, conv) for row, r in enumerate(records) for conv in r.conversations]
         for row, _ in convs[q:]:
             self._drop("batch_full", records[row].sample_id)

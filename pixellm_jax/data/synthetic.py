@@ -4,8 +4,8 @@ Each scene is drawn deterministically from (seed, index): an image of random hei
 [min_size, max_size] on one of a few grey backgrounds, with 2–5 shapes (circle, square, triangle),
 each with a colour, a size (small / large) and a position, drawn in order so later shapes occlude
 earlier ones. Every shape keeps at least `min_visible` of its area visible, shapes of the same colour
-never touch (so every boundary is visible), and a shape's mask is exactly its visible pixels. A shape is *referable* when "{colour} {shape}" or else "{size} {colour} {shape}"
-names it alone in the scene.
+never touch (so every boundary is visible), and a shape's mask is exactly its visible pixels. A shape
+is *referable* when "{colour} {shape}" or else "{size} {colour} {shape}" names it alone in the scene.
 
 Questions (drawn from the `rng` given to `get`, so each epoch may ask differently about a scene):
   * refer: one referable shape — "Can you segment the red circle in this image?" → "Sure, it is [SEG].";
