@@ -122,10 +122,21 @@ class HeadConfig:
     scale_fusion: Literal["official", "paper"] = "official"
     # Train the prompt encoder and neck (official keeps them frozen at their random init).
     train_prompt_encoder_and_neck: bool = False
+    # Vocabulary ids of the N*L codebook tokens, in order. Empty = the last N*L rows of the
+    # vocabulary. Converters fill it from the checkpoint's added-token table.
+    seg_token_ids: list[int] = field(default_factory=list)
+    # Most targets one conversation can carry in a batch (fixed shape for jit).
+    max_targets: int = 8
 
     @property
     def num_seg_tokens(self) -> int:
         return self.seg_token_num * self.scale_num
+
+    def seg_ids(self, vocab_size: int) -> tuple[int, ...]:
+        """The codebook token ids (configured, or the last N*L vocabulary rows)."""
+        if self.seg_token_ids:
+            return tuple(self.seg_token_ids)
+        return tuple(range(vocab_size - self.num_seg_tokens, vocab_size))
 
 
 @dataclass
@@ -184,6 +195,20 @@ class DataConfig:
     num_classes_per_question: int = 3
     # Input normalisation: "official" = ImageNet constants on 0-255; "clip" = CLIP constants.
     normalization: Literal["official", "clip"] = "official"
+    # Batch shapes: optim.micro_batch_size images, this many conversation rows, token buckets.
+    conversations_per_batch: int = 6
+    token_buckets: list[int] = field(default_factory=lambda: [64, 128, 257])
+    # Side of the ground-truth mask canvas; 0 = model.vision.image_size (see data/transforms.py).
+    mask_size: int = 0
+    use_im_start_end: bool = True
+    epoch_size: int | None = None  # None: the most records with no source repeating within an epoch
+    num_epochs: int | None = None  # None: endless
+    drop_remainder: bool = True
+    num_workers: int = 0  # Grain worker processes preparing records (0 = in the main process)
+    worker_buffer_size: int = 2
+    read_threads: int = 1
+    prefetch_buffer_size: int = 8
+    on_bad_sample: Literal["skip", "raise"] = "skip"
 
 
 @dataclass
@@ -409,6 +434,16 @@ def validate(cfg: Config) -> None:
              "out_dim / attention_downsample must be divisible by decoder_heads")
     _require(h.out_dim % 8 == 0, "model.head.out_dim", "must be a multiple of 8 (upscaling to out_dim/8)")
     _require(h.num_mask_tokens >= 1, "model.head.num_mask_tokens", "must be >= 1")
+    _require(h.max_targets >= 1, "model.head.max_targets", "must be >= 1")
+    if h.seg_token_ids:
+        _require(len(h.seg_token_ids) == h.num_seg_tokens, "model.head.seg_token_ids",
+                 f"needs seg_token_num * scale_num = {h.num_seg_tokens} ids, got {len(h.seg_token_ids)}")
+        _require(len(set(h.seg_token_ids)) == len(h.seg_token_ids), "model.head.seg_token_ids", "ids must differ")
+        for i, tid in enumerate(h.seg_token_ids):
+            _require(0 <= tid < t.vocab_size, f"model.head.seg_token_ids[{i}]",
+                     f"{tid} is outside the vocabulary of model.text.vocab_size={t.vocab_size}")
+    else:
+        _require(t.vocab_size >= h.num_seg_tokens, "model.head.seg_token_ids", "vocabulary too small")
 
     if cfg.mode == "official":
         _require(h.token_fusion == "official", "model.head.token_fusion",
@@ -437,3 +472,13 @@ def validate(cfg: Config) -> None:
     for i, r in enumerate(d.sample_rates):
         _require(r >= 0, f"data.sample_rates[{i}]", "must be >= 0")
     _require(d.model_max_length > 0, "data.model_max_length", "must be positive")
+    n_img = cfg.model.projector.llm_grid ** 2
+    _require(d.model_max_length > n_img - 1, "data.model_max_length",
+             f"must exceed the {n_img} image tokens minus one")
+    _require(d.conversations_per_batch >= 1, "data.conversations_per_batch", "must be >= 1")
+    _require(len(d.token_buckets) > 0 and d.token_buckets == sorted(set(d.token_buckets)) and d.token_buckets[0] > 0,
+             "data.token_buckets", "must be positive and strictly increasing")
+    _require(d.mask_size >= 0, "data.mask_size", "must be >= 0 (0 = image size)")
+    _require(d.epoch_size is None or d.epoch_size > 0, "data.epoch_size", "must be positive or null")
+    _require(d.num_epochs is None or d.num_epochs > 0, "data.num_epochs", "must be positive or null")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")

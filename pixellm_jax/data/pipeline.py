@@ -85,6 +85,20 @@ class PipelineConfig:
     prefetch_buffer_size: int = 8
     on_bad_sample: Literal["skip", "raise"] = "skip"
 
+    @classmethod
+    def from_config(cls, cfg) -> "PipelineConfig":
+        """The pipeline knobs of a project `Config` (data, model shapes, seed, batch size)."""
+        d, m = cfg.data, cfg.model
+        return cls(
+            images_per_batch=cfg.optim.micro_batch_size, conversations_per_batch=d.conversations_per_batch,
+            max_targets=m.head.max_targets, token_buckets=list(d.token_buckets), image_size=m.vision.image_size,
+            mask_size=d.mask_size or m.vision.image_size, normalization=d.normalization,
+            model_max_length=d.model_max_length, n_image_tokens=m.projector.llm_grid ** 2,
+            use_im_start_end=d.use_im_start_end, seed=cfg.seed, epoch_size=d.epoch_size, num_epochs=d.num_epochs,
+            drop_remainder=d.drop_remainder, num_workers=d.num_workers, worker_buffer_size=d.worker_buffer_size,
+            read_threads=d.read_threads, prefetch_buffer_size=d.prefetch_buffer_size, on_bad_sample=d.on_bad_sample,
+        )
+
     @property
     def max_text_len(self) -> int:
         """Text tokens kept per conversation: model_max_length − (n_image_tokens − 1) (official 257)."""
