@@ -91,7 +91,7 @@ def test_loss_and_gradients_reach_every_trainable_parameter(mode):
 
 def test_storage_dtypes_follow_the_partition():
     cfg = load_config("tiny", ["model.frozen_param_dtype=bfloat16"])
-    model = build_pixellm(cfg.model)
+    model = nnx.eval_shape(lambda: build_pixellm(cfg.model))
     trainable = trainable_filter(cfg.model)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         want = jnp.float32 if trainable(path, var) else jnp.bfloat16

@@ -1,0 +1,323 @@
+"""LLaMA decoder with HF `LlamaForCausalLM` semantics, optional LoRA, remat, layer scan and a KV cache.
+
+Parameter layout: the decoder layers are ONE `LlamaDecoderLayer` whose parameters are stacked on a
+leading `layers` axis (built with `nnx.vmap`), whatever `scan_layers` says. `scan_layers=True` runs
+them with `nnx.scan`; `scan_layers=False` runs a Python loop over per-layer slices. So a checkpoint
+and the weight converter see one layout (`layers.self_attn.q_proj.kernel` is [L, H, heads*head_dim],
+HF's `model.layers.{i}.self_attn.q_proj.weight` transposed is row i of it) and both settings compute
+the same function. Attribute names otherwise mirror the HF state dict.
+
+Numerics follow HF: RMSNorm normalises in float32, casts back, then multiplies by its weight; RoPE
+is rotate-half with float32 `inv_freq`, angles and cos/sin, cast to the activation dtype; masks are
+boolean (causal AND key padding) so two large negative masks are never added.
+
+KV cache: `init_cache` gives a `KVCache` with keys/values [L, B, max_len, kv_heads, head_dim], the
+key-validity mask [B, max_len] (it carries the prompt's padding) and the next write slot `index`.
+Each call writes its T tokens at slots index..index+T-1 and attends causally in slot order, so a
+prefill over a padded prompt followed by single-token steps equals recomputing the whole sequence
+with the same attention mask and positions. Positions default to `index + arange(T)` (plain arange
+from 0 without a cache, as PixelLM uses even with padding); pass them explicitly for anything else.
+The caller keeps index + T <= max_len (writes past the end are clamped by XLA, not detected).
+
+Run the model under NNX transforms (`nnx.jit`, `nnx.value_and_grad`, ...) or merge it inside the
+innermost JAX transform: `nnx.scan`/`nnx.remat` refuse Variables captured from an outer JAX trace.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pixellm_jax.config import LoraConfig, TextConfig
+from pixellm_jax.models.attention import dot_product_attention
+from pixellm_jax.models.layers import axes_meta, embed, linear
+from pixellm_jax.models.lora import LoRALinear
+
+_INIT = nnx.initializers.normal(0.02)  # HF LlamaPreTrainedModel: N(0, initializer_range)
+
+
+class KVCache(NamedTuple):
+    """Decoding state: per-layer keys/values, which key slots are valid, and the next write slot."""
+
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    mask: jax.Array  # [batch, max_len] bool
+    index: jax.Array  # [] int32
+
+
+class LlamaOutput(NamedTuple):
+    logits: jax.Array  # [batch, len, vocab]
+    hidden: jax.Array  # [batch, len, hidden], after the final norm
+    cache: KVCache | None
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) in float32, cast back, times `weight`."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=None, param_dtype=jnp.float32):
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), **axes_meta(("embed",)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        dtype = self.dtype or jnp.result_type(x, self.weight[...])
+        return self.weight[...].astype(dtype) * y.astype(dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., head_dim] in float32 for integer positions [...], built as HF builds them."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on x [B, T, heads, head_dim] with cos/sin [B, T, head_dim]."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def _projection(
+    name: str,
+    in_features: int,
+    out_features: int,
+    axes: tuple[str, str],
+    lora: LoraConfig | None,
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Linear | LoRALinear:
+    """A bias-free projection; a `LoRALinear` when LoRA is enabled and targets `name`."""
+    if lora is not None and lora.enabled and name in lora.targets:
+        return LoRALinear(
+            in_features, out_features, lora, axes, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=_INIT, rngs=rngs,
+        )
+    return linear(
+        in_features, out_features, axes, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=_INIT, rngs=rngs,
+    )
+
+
+def _apply(proj: nnx.Module, x: jax.Array, deterministic: bool) -> jax.Array:
+    return proj(x, deterministic=deterministic) if isinstance(proj, LoRALinear) else proj(x)
+
+
+class LlamaAttention(nnx.Module):
+    """Multi-head / grouped-query self-attention with RoPE and an optional per-layer KV cache."""
+
+    def __init__(self, cfg: TextConfig, lora: LoraConfig | None, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        h, d = cfg.hidden_size, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = _projection("q_proj", h, cfg.num_heads * d, ("embed", "heads"), lora, **kw)
+        self.k_proj = _projection("k_proj", h, cfg.num_kv_heads * d, ("embed", "kv_heads"), lora, **kw)
+        self.v_proj = _projection("v_proj", h, cfg.num_kv_heads * d, ("embed", "kv_heads"), lora, **kw)
+        self.o_proj = _projection("o_proj", cfg.num_heads * d, h, ("heads", "embed"), lora, **kw)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None,
+        index: jax.Array | None,
+        deterministic: bool,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, H]; mask [B, 1, T, S] bool; kv this layer's cache slices [B, S, kv, d] or None."""
+        b, t, _ = x.shape
+        q = _apply(self.q_proj, x, deterministic).reshape(b, t, self.num_heads, self.head_dim)
+        k = _apply(self.k_proj, x, deterministic).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = _apply(self.v_proj, x, deterministic).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k_cache, v_cache = kv
+            start = (0, index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            kv = (k_cache, v_cache)
+            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        out = dot_product_attention(q, k, v, mask)
+        return _apply(self.o_proj, out.reshape(b, t, -1), deterministic), kv
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TextConfig, lora: LoraConfig | None, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h, m = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = _projection("gate_proj", h, m, ("embed", "mlp"), lora, **kw)
+        self.up_proj = _projection("up_proj", h, m, ("embed", "mlp"), lora, **kw)
+        self.down_proj = _projection("down_proj", m, h, ("mlp", "embed"), lora, **kw)
+
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        gate = jax.nn.silu(_apply(self.gate_proj, x, deterministic))
+        return _apply(self.down_proj, gate * _apply(self.up_proj, x, deterministic), deterministic)
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: TextConfig, lora: LoraConfig | None, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = LlamaAttention(cfg, lora, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = LlamaMLP(cfg, lora, rngs=rngs, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv, index, deterministic: bool):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, deterministic)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x), deterministic)
+        return x, kv
+
+
+_REMAT_POLICIES = {
+    # Save nothing but the layer inputs; recompute the whole layer in the backward pass.
+    "full": None,
+    # Save the projection matmuls (no batch dims); recompute attention scores, norms, activations.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LlamaModel(nnx.Module):
+    """`LlamaForCausalLM`: embed_tokens, stacked decoder layers, final norm, untied lm_head.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of every base weight; LoRA factors
+    are always float32.
+    """
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        lora: LoraConfig | None = None,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = embed(
+            cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), dtype=dtype, param_dtype=param_dtype,
+            init=_INIT, rngs=rngs,
+        )
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> LlamaDecoderLayer:
+            return LlamaDecoderLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = linear(
+            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
+            param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs,
+        )
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [B, T, H] (the multimodal model splices image features into these)."""
+        return self.embed_tokens(input_ids)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty cache for `batch` sequences of up to `max_len` tokens (keys/values in `dtype`)."""
+        c = self.cfg
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        dtype = dtype or self.dtype
+        return KVCache(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+            mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        *,
+        input_embeds: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> LlamaOutput:
+        """Logits and final hidden states for `input_ids` [B, T] or `input_embeds` [B, T, H].
+
+        attention_mask [B, T] bool (True = real token, default all True); positions [B, T] or [T]
+        (default `offset + arange(T)`, offset = cache index or 0); with `cache`, the new tokens are
+        appended to it and the updated cache is returned.
+        """
+        if (input_ids is None) == (input_embeds is None):
+            raise ValueError("LlamaModel: pass exactly one of input_ids and input_embeds")
+        x = self.embed(input_ids) if input_embeds is None else input_embeds.astype(self.dtype)
+        b, t, _ = x.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        if attention_mask.shape != (b, t):
+            raise ValueError(f"LlamaModel: attention_mask has shape {attention_mask.shape}, expected {(b, t)}")
+        attention_mask = attention_mask.astype(bool)
+        offset = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        if positions is None:
+            positions = offset + jnp.arange(t, dtype=jnp.int32)
+        positions = jnp.broadcast_to(positions, (b, t))
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
+        if cache is None:
+            key_valid = attention_mask
+            kv = None
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+            kv = (cache.k, cache.v)
+        query_slots = offset + jnp.arange(t)
+        causal = jnp.arange(key_valid.shape[1])[None, :] <= query_slots[:, None]
+        mask = causal[None, None] & key_valid[:, None, None, :]
+
+        x, kv = self._run_layers(x, kv, cos, sin, mask, offset, deterministic)
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden)
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], key_valid, cache.index + t)
+        return LlamaOutput(logits=logits, hidden=hidden, cache=new_cache)
+
+    def _run_layers(self, x, kv, cos, sin, mask, index, deterministic: bool):
+        """All decoder layers, by `nnx.scan` or a Python loop over the stacked parameters."""
+
+        def step(layer: LlamaDecoderLayer, x, kv, cos, sin, mask, index):
+            """One layer as a function of (layer, carry, its cache slices) for scan, remat and the loop."""
+            return layer(x, cos, sin, mask, kv, index, deterministic)
+
+        if self.cfg.remat != "none":
+            step = nnx.remat(step, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+
+        if self.cfg.scan_layers:
+            scan = nnx.scan(
+                step,
+                in_axes=(0, nnx.Carry, 0, None, None, None, None),
+                out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"},
+            )
+            return scan(self.layers, x, kv, cos, sin, mask, index)
+
+        graphdef, state = nnx.split(self.layers)
+        rng_states = []
+        for i in range(self.cfg.num_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+            kv_i = None if kv is None else (kv[0][i], kv[1][i])
+            x, kv_i = step(layer, x, kv_i, cos, sin, mask, index)
+            if kv is not None:
+                kv = (kv[0].at[i].set(kv_i[0]), kv[1].at[i].set(kv_i[1]))
+            rng_states.append(nnx.state(layer, nnx.RngState))
+        # Dropout streams advance inside the layers; write their per-layer state back.
+        nnx.update(self.layers, jax.tree.map(lambda *a: jnp.stack(a), *rng_states))
+        return x, kv
