@@ -136,3 +136,17 @@ def test_full_model_builds_abstractly_with_reference_counts(name, H, I, V, layer
         if isinstance(v, nnx.Param):
             assert v.get_value().dtype == (jnp.float32 if trainable(p, v) else jnp.bfloat16), p
     assert any(isinstance(v, Buffer) for v, _ in sizes.values())
+
+
+def test_every_parameter_has_logical_axes_with_a_rule():
+    """Sharding never needs to touch the modules: every variable names its axes, each has a rule."""
+    from pixellm_jax.sharding import LOGICAL_RULES
+
+    for mode in ("pixellm_7b", "pixellm_7b_paper"):
+        cfg = load_config(mode, ["model.text.num_layers=2", "model.vision.num_layers=12"])
+        model = nnx.eval_shape(lambda: build_pixellm(cfg.model))
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, Buffer))):
+            axes = var.get_metadata().get("out_sharding")
+            assert axes is not None, path
+            assert len(axes) == len(var.get_value().shape), (path, axes)
+            assert all(a is None or a in LOGICAL_RULES for a in axes), (path, axes)
