@@ -18,15 +18,19 @@ CORE = [
     "ml_dtypes>=0.4",
     "pillow>=10",
     "tqdm>=4.66",
+    "pycocotools>=2.0.7",  # polygon / RLE masks of the raw data sources
 ]
 TORCH = ["torch>=2.4"]  # conversion, export and parity references
-DATA = ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "pycocotools>=2.0.7"]
+DATA = ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "importlib_resources", "pycocotools>=2.0.7"]
 DEV = TORCH + [
     "pytest>=8",
     "pytest-xdist>=3.5",
     "peft>=0.13",
     "segment-anything>=1.0",
     "pycocotools>=2.0.7",
+    "tensorflow-datasets>=4.9",  # tests/data/test_tfds.py: prepared datasets (TensorFlow not needed)
+    "importlib_resources",  # imported by tensorflow-datasets 4.9.x builders but not declared
+    "tensorflow-cpu>=2.16",  # only for building the TFDS catalog `ref_coco` fixture (its builder needs TF)
 ]
 
 setup(
