@@ -1,0 +1,89 @@
+"""A conversion from an `ImportSpec`: plan (checked whole), initial values, streamed fill, checkpoint.
+
+`convert_checkpoint` writes the Orbax directory (staged beside the destination and renamed when
+complete, refused over an existing one without `force`); `convert_model` returns the model in memory
+(tests, `--check`). With a mesh, parameters are built shard by shard on their devices.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from jax.sharding import Mesh
+
+from pixellm_jax.config import Config
+from pixellm_jax.convert.checkpoint import (
+    assemble_model,
+    check_output,
+    param_shardings,
+    staged_output,
+    target_specs,
+    write_checkpoint,
+)
+from pixellm_jax.convert.importers import ImportSpec
+from pixellm_jax.convert.stream import fill_buffers, initial_values, place_sharded
+from pixellm_jax.convert.tables import transforms_for
+from pixellm_jax.convert.validate import Plan, build_plan
+from pixellm_jax.models.pixellm import PixelLM
+
+
+@dataclass
+class Conversion:
+    plan: Plan
+    config: Config
+    output: Path | None = None
+
+
+def plan_conversion(spec: ImportSpec) -> Plan:
+    """The checked mapping (raises one ConversionError listing every problem)."""
+    return build_plan(
+        spec.sources, target_specs(spec.config.model), transforms_for(spec.config.model.vision),
+        initialise=spec.initialise, skippable_groups=spec.skippable_groups, allow_grow=spec.allow_grow,
+    )
+
+
+def _parameters(spec: ImportSpec, plan: Plan, mesh: Mesh | None, buffer_dir: Path | None, progress: bool):
+    cfg = spec.config
+    targets = target_specs(cfg.model)
+    to_init = list(plan.initialised) + list(plan.partial)
+    if mesh is None:
+        initial = initial_values(cfg.model, cfg.seed, to_init)
+        return fill_buffers(plan, targets, initial, buffer_dir=buffer_dir, progress=progress)
+    shardings = param_shardings(cfg.model, mesh)
+    initial = initial_values(cfg.model, cfg.seed, to_init, shardings)
+    return place_sharded(plan, targets, initial, shardings, progress=progress)
+
+
+def conversion_report(spec: ImportSpec, plan: Plan) -> dict:
+    return {"source": spec.info, "config": spec.config.name, "notes": spec.notes, "plan": plan.report()}
+
+
+def convert_checkpoint(
+    spec: ImportSpec,
+    out: str | Path,
+    *,
+    force: bool = False,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> Conversion:
+    """Convert and write the checkpoint directory `out` (see checkpoint.py for its layout)."""
+    out = Path(out)
+    check_output(out, force)
+    plan = plan_conversion(spec)
+    with staged_output(out, force) as stage:
+        params = _parameters(spec, plan, mesh, None if mesh is not None else stage / ".buffers", progress)
+        extras = {info.key: reader.read(info.key) for reader, info, _ in plan.kept}
+        write_checkpoint(stage, params, spec.config, report=conversion_report(spec, plan), extras=extras,
+                         write_tokenizer=spec.write_tokenizer)
+        del params
+        shutil.rmtree(stage / ".buffers", ignore_errors=True)
+    return Conversion(plan, spec.config, out)
+
+
+def convert_model(spec: ImportSpec, mesh: Mesh | None = None) -> tuple[PixelLM, Plan]:
+    """The converted model in memory (no files written)."""
+    plan = plan_conversion(spec)
+    params = _parameters(spec, plan, mesh, None, False)
+    return assemble_model(spec.config.model, params, spec.config.seed, mesh), plan
