@@ -1,0 +1,68 @@
+"""`pixellm eval` and `pixellm predict`: parsed arguments → a loaded model → files.
+
+Both take an already-loaded model bundle (`loading.Loaded`); `load(args)` is the only place that reads
+a checkpoint, so pointing it at another loader changes nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pixellm_jax.eval.batches import BatchShape
+from pixellm_jax.eval.evaluate import EvalSettings, run_eval
+from pixellm_jax.eval.generate import SamplingConfig
+from pixellm_jax.eval.loading import Loaded, load_for_inference
+from pixellm_jax.eval.predict import image_files, predict, write_prediction
+from pixellm_jax.eval.runner import BatchRunner
+from pixellm_jax.eval.splits import parse_split
+
+
+def load(args: argparse.Namespace) -> Loaded:
+    return load_for_inference(args.checkpoint, args.overrides)
+
+
+def batch_shape(loaded: Loaded, runner: BatchRunner, args: argparse.Namespace) -> BatchShape:
+    """Batch shapes from the config and the arguments, rounded up to whole devices."""
+    n = runner.local_devices
+    cfg = loaded.config
+    return BatchShape(
+        images=-(-args.images_per_batch // n) * n, rows=-(-args.rows_per_batch // n) * n,
+        image_size=cfg.model.vision.image_size, normalization=cfg.data.normalization,
+        token_buckets=tuple(cfg.data.token_buckets), canvas_step=args.canvas_step,
+        use_im_start_end=cfg.data.use_im_start_end,
+    )
+
+
+def sampling(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+
+
+def _decoder(loaded: Loaded):
+    return lambda ids: loaded.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def eval_command(args: argparse.Namespace, loaded: Loaded) -> dict:
+    """Evaluate the named splits; writes metrics.json and per-sample JSONL into args.out."""
+    splits = [parse_split(s) for s in args.split]
+    runner = BatchRunner(loaded.model)
+    settings = EvalSettings(shape=batch_shape(loaded, runner, args), sampling=sampling(args), seed=args.seed,
+                            num_points=args.num_points, judge=args.judge)
+    metrics = run_eval(runner, loaded.legacy, _decoder(loaded), splits, args.out, settings,
+                       progress=not args.no_progress)
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def predict_command(args: argparse.Namespace, loaded: Loaded) -> None:
+    """Answer the question about each image; print the answers, write overlays and masks into args.out."""
+    runner = BatchRunner(loaded.model)
+    paths = image_files(args.image)
+    shape = batch_shape(loaded, runner, args)
+    for pred in predict(runner, loaded.legacy, _decoder(loaded), paths, args.question, shape, sampling(args),
+                        args.seed):
+        files = write_prediction(pred, args.out)
+        print(f"{pred.image_path}: {pred.answer}")
+        for k, f in enumerate(files[1:]):
+            print(f"  [{k + 1}] {f}")
+        print(f"  overlay {files[0]}")

@@ -1,0 +1,123 @@
+"""Prediction on image files: the answer with its targets numbered, a colour overlay, one PNG per mask.
+
+For each image the question is asked in the official chat format ("<image>\\n{question}", reference
+§9), the answer generated in batches with the KV-cache generator, and written as
+  <stem>_overlay.png   the image with target k tinted in colour k (50 %), its number at the mask,
+                       and a legend of numbers and colours in the top-left corner;
+  <stem>_mask_<k>.png  target k as a 0/255 greyscale mask;
+all at the input image's size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_generation
+from pixellm_jax.data.dataset_io import load_image
+from pixellm_jax.data.sample import IMAGE_PLACEHOLDER
+from pixellm_jax.eval.answer_text import numbered_answer
+from pixellm_jax.eval.batches import BatchShape, EvalItem, pack
+from pixellm_jax.eval.generate import SamplingConfig
+from pixellm_jax.eval.runner import BatchRunner, sampling_key
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+PALETTE = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
+    (245, 130, 48), (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 128, 128),
+)
+
+
+class Prediction(NamedTuple):
+    image_path: Path
+    image: np.ndarray  # [H, W, 3] uint8
+    answer: str  # with "[k]" markers
+    masks: np.ndarray  # [k, H, W] bool
+
+
+def image_files(path: str | Path) -> list[Path]:
+    """The image itself, or the images of a folder (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image or folder")
+    return [path]
+
+
+def predict(
+    runner: BatchRunner,
+    tok: LegacyTokenizer,
+    decode: Callable[[list[int]], str],
+    paths: list[Path],
+    question: str,
+    shape: BatchShape,
+    sampling: SamplingConfig,
+    seed: int = 0,
+) -> Iterator[Prediction]:
+    """Answers and masks for each image, batched."""
+    head = runner.cfg.head
+    prompt = tokenize_generation(tok, f"{IMAGE_PLACEHOLDER}\n{question}", use_im_start_end=shape.use_im_start_end)
+
+    images: dict[int, np.ndarray] = {}
+
+    def stream():
+        for i, path in enumerate(paths):
+            images[i] = load_image(path, str(path))
+            empty = np.zeros((0, *images[i].shape[:2]), bool)
+            yield images[i], [EvalItem(i, 0, str(path), question, "", empty, prompt)]
+
+    for step, batch in enumerate(pack(stream(), shape, tok.pad_id)):
+        out = runner.generate(batch, sampling, tok.eos_id, tok.pad_id, sampling_key(seed, step))
+        for j, item in enumerate(batch.items):
+            answer, _ = numbered_answer(decode, out["tokens"][j, : out["lengths"][j]],
+                                        head.seg_ids(runner.cfg.text.vocab_size), head.num_seg_tokens, tok.eos_id)
+            n = int(min(out["num_targets"][j], head.max_targets))
+            h, w = item.gt.shape[1:]
+            image = images.pop(item.sample_index)
+            yield Prediction(paths[item.sample_index], image, answer, out["mask_logits"][j, :n, :h, :w] > 0)
+
+
+def overlay(image: np.ndarray, masks: np.ndarray) -> Image.Image:
+    """The image with each mask tinted in its palette colour, numbered, and a legend; same size."""
+    canvas = image.astype(np.float32)
+    for k, mask in enumerate(masks):
+        colour = np.asarray(PALETTE[k % len(PALETTE)], np.float32)
+        canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
+    out = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    for k, mask in enumerate(masks):
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            # the mask pixel nearest the mask's centroid, so the number sits on the target
+            i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+            draw.text((int(xs[i]), int(ys[i])), str(k + 1), fill=(255, 255, 255), font=font, anchor="mm",
+                      stroke_width=1, stroke_fill=(0, 0, 0))
+    if len(masks):
+        line = 12
+        draw.rectangle((0, 0, 34, 4 + line * len(masks)), fill=(0, 0, 0))
+        for k in range(len(masks)):
+            y = 2 + line * k
+            draw.rectangle((2, y + 1, 11, y + 10), fill=PALETTE[k % len(PALETTE)])
+            draw.text((15, y), str(k + 1), fill=(255, 255, 255), font=font)
+    return out
+
+
+def write_prediction(prediction: Prediction, out_dir: str | Path) -> list[Path]:
+    """Write the overlay and the per-target masks; returns the files written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = prediction.image_path.stem
+    files = [out_dir / f"{stem}_overlay.png"]
+    overlay(prediction.image, prediction.masks).save(files[0])
+    for k, mask in enumerate(prediction.masks):
+        files.append(out_dir / f"{stem}_mask_{k + 1}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(files[-1])
+    return files

@@ -1,0 +1,145 @@
+"""Running evaluation batches data-parallel on a 1-D mesh of all devices (and hosts).
+
+The model's state is replicated on every device; each batch array is sharded along its first axis
+(`data`), so every device runs its share of images and rows, and the outputs come back sharded the
+same way. Each process passes its own rows (`host_local_array_to_global_array`) and gets its own
+rows back, so a multi-host run is the union of per-process runs, and a run on N devices computes
+the same rows as one device does. Batch sizes per process must be multiples of its device count.
+
+Programs are compiled once per batch shape: (rows, T, out_hw) for the teacher-forced forward, plus
+the sampling settings for generation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pixellm_jax.eval.batches import BatchShape, EvalBatch
+from pixellm_jax.eval.generate import SamplingConfig, generate
+from pixellm_jax.eval.teacher_forced import mask_canvas, teacher_forced_outputs
+from pixellm_jax.models.multimodal import IMAGE_TOKEN
+from pixellm_jax.models.pixellm import PixelLM
+
+ROWS = PartitionSpec("data")
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named `data` over `devices` (default: all devices of all processes)."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+
+
+def _rows(tree: dict, mesh: Mesh) -> dict:
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, ROWS)), tree)
+
+
+@functools.partial(nnx.jit, static_argnames=("out_hw", "mesh"))
+def _teacher_forced_step(model: PixelLM, arrays: dict, out_hw: tuple[int, int], mesh: Mesh) -> dict:
+    return _rows(teacher_forced_outputs(model, arrays, out_hw), mesh)
+
+
+@functools.partial(nnx.jit, static_argnames=("out_hw", "sampling", "eos_id", "pad_id", "mesh"))
+def _generate_step(model: PixelLM, arrays: dict, key: jax.Array, out_hw: tuple[int, int], sampling: SamplingConfig,
+                   eos_id: int, pad_id: int, mesh: Mesh) -> dict:
+    out = generate(model, arrays["pixels"], arrays["resized_hw"], arrays["input_ids"], arrays["attention_mask"],
+                   arrays["conv_image"], eos_id=eos_id, pad_id=pad_id, sampling=sampling, key=key)
+    return _rows({
+        "tokens": out.tokens,
+        "lengths": out.lengths,
+        "mask_logits": mask_canvas(out.mask_logits, arrays["resized_hw"], arrays["original_hw"], arrays["conv_image"],
+                                   out_hw, model.cfg.vision.image_size),
+        "num_targets": out.seg.num_targets,
+        "malformed": out.seg.malformed,
+        "overflow": out.seg.overflow,
+    }, mesh)
+
+
+class BatchRunner:
+    """A replicated copy of a model on a data mesh, with jitted teacher-forced and generation steps.
+
+    The steps are module-level `nnx.jit` functions, so runners of equally shaped models share their
+    compiled programs.
+    """
+
+    def __init__(self, model: PixelLM, mesh: Mesh | None = None):
+        self.mesh = data_mesh() if mesh is None else mesh
+        if self.mesh.axis_names != ("data",):
+            raise ValueError(f"evaluation needs a 1-D mesh with axis 'data', got axes {self.mesh.axis_names}")
+        self.cfg = model.cfg
+        graphdef, state = nnx.split(model)
+        self.model = nnx.merge(graphdef, jax.device_put(state, NamedSharding(self.mesh, PartitionSpec())))
+
+    @property
+    def local_devices(self) -> int:
+        """Devices of the mesh in this process: per-process batch sizes must be multiples of it."""
+        return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+
+    def _global(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        for name, a in arrays.items():
+            if a.shape[0] % self.local_devices:
+                raise ValueError(f"batch array {name} has {a.shape[0]} rows, not a multiple of the "
+                                 f"{self.local_devices} local devices")
+        return multihost_utils.host_local_array_to_global_array(arrays, self.mesh, ROWS)
+
+    def _local(self, outputs: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+        local = multihost_utils.global_array_to_host_local_array(outputs, self.mesh, ROWS)
+        return {k: np.asarray(v) for k, v in local.items()}
+
+    def teacher_forced(self, batch: EvalBatch) -> dict[str, np.ndarray]:
+        """This process's rows of the teacher-forced outputs (mask_logits [rows, M, H, W], ...)."""
+        return self._local(_teacher_forced_step(self.model, self._global(batch.arrays), batch.out_hw, self.mesh))
+
+    def generate(self, batch: EvalBatch, sampling: SamplingConfig, eos_id: int, pad_id: int,
+                 key: jax.Array) -> dict[str, np.ndarray]:
+        """This process's rows of the generation outputs (tokens, lengths, mask_logits, ...)."""
+        key = jax.device_put(key, NamedSharding(self.mesh, PartitionSpec()))
+        out = _generate_step(self.model, self._global(batch.arrays), key, batch.out_hw, sampling, int(eos_id),
+                             int(pad_id), self.mesh)
+        return self._local(out)
+
+
+def agree_on_shapes(batch: EvalBatch, pad_id: int) -> EvalBatch:
+    """Pad a batch to the largest token length and canvas of all processes (no-op with one process)."""
+    if jax.process_count() == 1:
+        return batch
+    mine = np.array([batch.arrays["input_ids"].shape[1], *batch.out_hw], np.int64)
+    t, h, w = (int(x) for x in np.max(multihost_utils.process_allgather(mine), axis=0))
+    arrays = dict(batch.arrays)
+    extra = t - arrays["input_ids"].shape[1]
+    arrays["input_ids"] = np.pad(arrays["input_ids"], ((0, 0), (0, extra)), constant_values=pad_id)
+    arrays["attention_mask"] = np.pad(arrays["attention_mask"], ((0, 0), (0, extra)))
+    return EvalBatch(arrays, batch.items, (h, w))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds in any process (every process must call this together)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def sampling_key(seed: int, batch_index: int) -> jax.Array:
+    """The PRNG key of one batch: a function of the seed and the batch's position in the run."""
+    return jax.random.fold_in(jax.random.key(seed), batch_index)
+
+
+def idle_batch(shape: BatchShape, pad_id: int) -> EvalBatch:
+    """A batch of the smallest shapes with no items, for a process that has run out of data."""
+    s, t = shape.image_size, min(shape.token_buckets)
+    ids = np.full((shape.rows, t), pad_id, np.int32)
+    ids[:, 0] = IMAGE_TOKEN
+    mask = np.zeros((shape.rows, t), bool)
+    mask[:, 0] = True
+    arrays = {
+        "pixels": np.zeros((shape.images, s, s, 3), np.float32),
+        "resized_hw": np.full((shape.images, 2), s, np.int32),
+        "original_hw": np.ones((shape.images, 2), np.int32),
+        "input_ids": ids, "attention_mask": mask,
+        "conv_image": np.zeros((shape.rows,), np.int32), "conv_valid": np.zeros((shape.rows,), bool),
+    }
+    return EvalBatch(arrays, [], (shape.canvas_step, shape.canvas_step))
