@@ -13,6 +13,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
 
 
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `eval` and `predict` (model, batching, decoding)."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (params/, config.yaml, tokenizer/)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides of the checkpoint's config")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--images-per-batch", type=int, default=8, help="per process; rounded up to whole devices")
+    p.add_argument("--rows-per-batch", type=int, default=8, help="questions per batch, per process")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (official)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--canvas-step", type=int, default=128, help="masks are computed on canvases rounded to this")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixellm", description="PixelLM in JAX/Flax NNX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -21,12 +35,65 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p)
     p.add_argument("--run-tiny", metavar="CONFIG", help="also build this (small) config and run one forward + loss")
 
+    p = sub.add_parser("eval", help="evaluate a checkpoint on dataset splits: metrics JSON + per-sample JSONL")
+    _add_inference_args(p)
+    p.add_argument("--split", action="append", required=True, metavar="[NAME=]KIND:key=value,...",
+                   help="a split to evaluate, e.g. refcoco_val=refer:root=data/refer_seg,dataset=refcoco,split=val "
+                        "or muse:json=data/muse_val.json,images=data/coco (repeatable; see pixellm_jax/eval/splits.py)")
+    p.add_argument("--num-points", type=int, default=12544, help="points of the MUSE matching cost")
+    p.add_argument("--judge", action="store_true", help="also write LLM-judge prompts for generated answers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("predict", help="answer a question about an image or a folder; write overlays and masks")
+    _add_inference_args(p)
+    p.add_argument("--image", required=True, help="an image file or a folder of images")
+    p.add_argument("--question", required=True)
+
+    from pixellm_jax.convert.commands import add_convert_parser, add_export_parser
+
+    add_convert_parser(sub)
+    add_export_parser(sub)
+
+    p = sub.add_parser("train", help="train (or resume) a run: sharded, checkpointed, preemption-safe")
+    _add_config_args(p)
+
+    p = sub.add_parser("prepare-data", help="turn a raw dataset into a TFDS ArrayRecord dataset (read with TfdsSource)")
+    p.add_argument("--source", required=True, help="refcoco, refcoco+, refcocog, refclef, muse or synthetic")
+    p.add_argument("--root", help="the dataset in its released layout: the REFER root (refer_seg/), or the folder "
+                                  "with muse_<split>.json")
+    p.add_argument("--out", required=True, help="TFDS data_dir to write pixellm_records/<config>/ into")
+    p.add_argument("--split", action="append", help="a split to prepare (repeatable; default: all of the dataset's)")
+    p.add_argument("--split-by", help="REFER partition (default: umd for refcocog, unc otherwise)")
+    p.add_argument("--image-dir", help="image folder when not in the official place under --root")
+    p.add_argument("--num-samples", type=int, default=10000, help="synthetic: scenes per split")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: seed of the first split (the next: +1, ...)")
+    p.add_argument("--on-bad-sample", choices=["skip", "raise"], default="skip",
+                   help="skip (and list in the metadata) or stop at an unusable record")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "describe":
             from pixellm_jax.describe import describe
 
             describe(args.config, args.overrides, run_tiny=args.run_tiny)
+        elif args.command == "train":
+            from pixellm_jax.train.loop import main as train_main
+
+            return train_main(args.config, args.overrides)
+        elif args.command in ("eval", "predict"):
+            from pixellm_jax.eval import commands
+
+            run = commands.eval_command if args.command == "eval" else commands.predict_command
+            run(args, commands.load(args))
+        elif args.command in ("convert", "export"):
+            from pixellm_jax.convert import commands
+
+            return commands.run_convert(args) if args.command == "convert" else commands.run_export(args)
+        elif args.command == "prepare-data":
+            from pixellm_jax.data.tfds_prepare import prepare_command
+
+            return prepare_command(args)
     except ConfigError as e:
         print(f"pixellm {args.command}: config error: {e}", file=sys.stderr)
         return 2
