@@ -18,6 +18,7 @@ CORE = [
     "ml_dtypes>=0.4",
     "pillow>=10",
     "tqdm>=4.66",
+    "tensorboardX>=2.6",  # training metrics as TensorBoard event files, without TensorFlow
     "pycocotools>=2.0.7",  # polygon / RLE masks of the raw data sources
 ]
 TORCH = ["torch>=2.4"]  # conversion, export and parity references

@@ -212,6 +212,44 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    """A training run (`pixellm train`): length, intervals, outputs, checkpoints, robustness.
+
+    Intervals count optimizer steps (one step = optim.grad_accum_steps micro-batches); checkpoints
+    are named by micro-batch count, so a resume is exact even mid-accumulation.
+    """
+
+    output_dir: str = "runs/pixellm"
+    steps: int = 0  # optimizer steps to run; 0 = optim.total_steps
+    log_every: int = 10
+    eval_every: int = 0  # 0 = evaluate only at the end
+    eval_batches: int = 8  # held-out batches per evaluation (0: no evaluation)
+    eval_metric: str = "giou"  # evaluation metric (higher is better) that picks the best checkpoint
+    save_every: int = 500  # 0 = save only at the end (and on preemption)
+    keep: int = 3  # latest checkpoints kept, besides the best one by eval_metric
+    async_checkpointing: bool = True
+    resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
+    max_consecutive_nonfinite: int = 10  # that many skipped (non-finite) micro-batches in a row stop the run
+    # "official": PixelLM's trainable set (models/trainable.py); "all": every parameter but the CLIP tower,
+    # for models trained from scratch (the demo), where a frozen random LLM would be a poor start.
+    trainable: Literal["official", "all"] = "official"
+    # Tokenizer directory (LLaMA SentencePiece + tokenizer_config.json); "" = build a small one
+    # from the synthetic dataset's texts into output_dir (the demo).
+    tokenizer: str = ""
+    dataset_dir: str = "dataset"  # root of the real datasets, in the official `./dataset` layout
+    synthetic_samples: int = 20000  # records of the built-in synthetic dataset (training split)
+    overlays: int = 4  # mask overlay PNGs written after the final evaluation
+    peak_tflops: float = 0.0  # per device, for the MFU estimate; 0 = from the device kind (unknown: none)
+    progress: bool = True  # a progress bar when stdout is a terminal
+    # Directory of JAX's persistent compilation cache ("" = none): a restarted or resumed run with the
+    # same shapes skips compilation.
+    compilation_cache: str = ""
+    # Multi-host: "auto" initialises jax.distributed when the environment describes a cluster
+    # (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); "off" never does.
+    distributed: Literal["auto", "off"] = "auto"
+
+
+@dataclass
 class Config:
     name: str = ""
     seed: int = 0
@@ -222,6 +260,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,3 +521,13 @@ def validate(cfg: Config) -> None:
     _require(d.epoch_size is None or d.epoch_size > 0, "data.epoch_size", "must be positive or null")
     _require(d.num_epochs is None or d.num_epochs > 0, "data.num_epochs", "must be positive or null")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+    tr = cfg.train
+    _require(bool(tr.output_dir), "train.output_dir", "must not be empty")
+    for name in ("steps", "eval_every", "eval_batches", "save_every"):
+        _require(getattr(tr, name) >= 0, f"train.{name}", "must be >= 0")
+    for name in ("log_every", "keep", "max_consecutive_nonfinite"):
+        _require(getattr(tr, name) >= 1, f"train.{name}", "must be >= 1")
+    _require(tr.synthetic_samples >= 1, "train.synthetic_samples", "must be >= 1")
+    _require(tr.overlays >= 0, "train.overlays", "must be >= 0")
+    _require(tr.peak_tflops >= 0, "train.peak_tflops", "must be >= 0")

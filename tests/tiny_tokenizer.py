@@ -1,57 +1,10 @@
-"""A tiny real LLaMA-format tokenizer built offline (SentencePiece `tokenizer.model` + config).
+"""The tiny real LLaMA-format tokenizer the tests use (built offline; see data/tokenizer_builder.py).
 
-Route A of WEIGHT_FORMATS.md §4: a BPE SentencePiece model with byte fallback and the LLaMA
-special ids (unk 0, bos 1, eos 2, no pad), loaded by `transformers.AutoTokenizer`. Tests that need a
-tokenizer call `build_tiny_tokenizer(directory)` and load the result themselves.
+Tests that need a tokenizer call `build_tiny_tokenizer(directory)` and load the result themselves.
 """
 
-from __future__ import annotations
+from pixellm_jax.data.tokenizer_builder import CHAT_TEXTS, TOKENIZER_CONFIG, build_tiny_tokenizer
 
-import json
-from pathlib import Path
+_TEXTS = list(CHAT_TEXTS)  # the training sentences (test_conversation rebuilds the model from them)
 
-_TEXTS = [
-    "A chat between a curious human and an artificial intelligence assistant.",
-    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-    "USER: What is the cat in this image? Please output segmentation mask. ASSISTANT: Sure, it is.",
-    "Can you segment the dog, the car and the tree in this image?",
-    "Sure, the segmentation result is shown. The cat is on the left and the dog is on the right.",
-    "What is the person holding an umbrella near the red bus, 0123456789?",
-    "Please respond with segmentation mask. It is the fruit high in vitamin C.",
-]
-
-TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer",
-    "add_bos_token": True,
-    "add_eos_token": False,
-    "legacy": False,
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-}
-
-
-def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 420) -> Path:
-    """Train `tokenizer.model` and write `tokenizer_config.json` into `directory`; returns it."""
-    import sentencepiece as spm
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_TEXTS * 4),
-        model_prefix=str(directory / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        character_coverage=1.0,
-        add_dummy_prefix=True,
-        normalization_rule_name="identity",
-        split_digits=True,
-        minloglevel=2,
-    )
-    (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
-    return directory
+__all__ = ["TOKENIZER_CONFIG", "_TEXTS", "build_tiny_tokenizer"]

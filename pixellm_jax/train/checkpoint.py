@@ -1,0 +1,89 @@
+"""Orbax checkpoints of a training run: one step holds the train state, the frozen part and the
+input pipeline's position, so a resume continues exactly where the run stopped.
+
+Layout: `<output_dir>/checkpoints/<step>/{state,frozen,data}`, step = micro-batches consumed.
+Saves are asynchronous (the step loop goes on while the arrays are written) and atomic (a step
+directory appears only when complete, so a run killed mid-save resumes from the previous one).
+Kept: the latest `train.keep` steps and the best one by `train.eval_metric`. Restoring takes the
+target layout, so a checkpoint written on one mesh restores onto any other mesh shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from pixellm_jax.config import TrainConfig
+from pixellm_jax.train.state import StateLayout, TrainState, abstract_with_shardings
+
+
+class Checkpointer:
+    """Save and restore (train state, frozen state, data iterator) steps under `directory`."""
+
+    def __init__(self, directory: str | Path, cfg: TrainConfig):
+        self.metric = cfg.eval_metric
+        policy = pp.AnyPreservationPolicy([
+            pp.LatestN(n=cfg.keep),
+            pp.BestN(get_metric_fn=lambda m: m[self.metric], reverse=False, n=1,
+                     keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=cfg.async_checkpointing,
+            preservation_policy=policy,
+            best_fn=lambda m: m[self.metric],  # also makes Orbax store each step's metrics with it
+            best_mode="max",
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "frozen": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def best_step(self) -> int | None:
+        """The kept step with the highest `train.eval_metric` (None when no kept step was evaluated)."""
+        scored = [(m[self.metric], step) for step in self.all_steps() if (m := self.manager.metrics(step))]
+        return max(scored)[1] if scored else None
+
+    def save(self, step: int, state: TrainState, frozen: Any, iterator: Any = None,
+             metrics: dict[str, float] | None = None) -> None:
+        """Start saving `step` (returns once the arrays are copied off the devices' live buffers)."""
+        items = {"state": ocp.args.StandardSave(state._asdict()), "frozen": ocp.args.StandardSave(frozen)}
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(iterator)
+        if metrics is not None and self.metric not in metrics:
+            metrics = None
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    def restore(self, step: int, layout: StateLayout, iterator: Any = None) -> tuple[TrainState, Any]:
+        """(state, frozen) of `step` placed in `layout`'s shardings; `iterator` is set to its position."""
+        state_target = abstract_with_shardings(layout.abstract_state, layout.state_shardings)._asdict()
+        frozen_target = abstract_with_shardings(layout.abstract_frozen, layout.frozen_shardings)
+        items = {"state": ocp.args.StandardRestore(state_target), "frozen": ocp.args.StandardRestore(frozen_target)}
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return TrainState(**restored["state"]), restored["frozen"]
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

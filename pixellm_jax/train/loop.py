@@ -1,0 +1,272 @@
+"""The training loop behind `pixellm train`: build or resume, step, log, evaluate, save, stop.
+
+One optimizer step is `optim.grad_accum_steps` micro-batches (each one jitted step call); the run
+lasts `train.steps` optimizer steps (0: `optim.total_steps`). Every `train.log_every` steps the mean
+loss terms, gradient norm, learning rate, tokens/s, step time and MFU go to the terminal and to
+`metrics.jsonl` / TensorBoard; every `train.eval_every` steps (and at the end) the teacher-forced
+gIoU on held-out synthetic scenes is measured (when the run trains on synthetic data); every
+`train.save_every` steps (and at the end) a checkpoint is started. After each micro-batch the loop
+reads its metrics (a small device-to-host copy), which lets it react at once to a non-finite loss
+and to a preemption notice:
+  * a skipped (non-finite) micro-batch is logged and counted; `train.max_consecutive_nonfinite` in a
+    row save a checkpoint of the state (whose parameters are the last good ones, since skipped
+    updates change nothing) and raise `NonFiniteError`;
+  * SIGTERM saves the current step, waits for the write, and returns with `preempted=True`.
+A run restarted with the same output_dir resumes from its latest checkpoint (`train.resume`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from pixellm_jax.config import Config, dump_config
+from pixellm_jax.data.pipeline import PipelineConfig
+from pixellm_jax.train import distributed
+from pixellm_jax.train.checkpoint import Checkpointer
+from pixellm_jax.train.data import eval_pipeline, load_tokenizer, training_pipeline, with_tokenizer_ids
+from pixellm_jax.train.mesh import batch_shardings, global_batch, make_mesh
+from pixellm_jax.train.metrics import MetricsWriter, peak_flops, step_flops
+from pixellm_jax.train.optimizer import make_optimizer
+from pixellm_jax.train.preemption import PreemptionWatch
+from pixellm_jax.train.state import init_state, state_layout
+from pixellm_jax.train.step import make_train_step
+from pixellm_jax.train.validation import evaluate, make_eval_step, write_overlays
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive micro-batches with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    micro_steps: int  # micro-batches consumed in total (the checkpoint step)
+    steps: int  # optimizer steps (micro_steps // grad_accum_steps)
+    eval_metrics: dict[str, float]  # of the last evaluation ({} when none ran)
+    preempted: bool
+    skipped: int  # micro-batches skipped for non-finite values
+    wall_seconds: float  # this invocation, start-up and compilation included
+
+
+class Trainer:
+    """A training run set up from a config: mesh, state (fresh or resumed), data, step, outputs."""
+
+    def __init__(self, cfg: Config, echo: Callable[[str], None] | None = None):
+        self.started = time.perf_counter()
+        distributed.initialize(cfg.train.distributed)
+        if cfg.train.compilation_cache:
+            jax.config.update("jax_compilation_cache_dir", str(Path(cfg.train.compilation_cache).absolute()))
+        self.primary = jax.process_index() == 0
+        self.echo = echo or (functools.partial(print, flush=True) if self.primary else (lambda _: None))
+        self.out = Path(cfg.train.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.hf_tokenizer, tokenizer = load_tokenizer(cfg, self.out)
+        self.cfg = cfg = with_tokenizer_ids(cfg, self.hf_tokenizer, tokenizer)
+        if self.primary:
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        self.accum = cfg.optim.grad_accum_steps
+        self.image_tokens = cfg.model.projector.llm_grid ** 2 - 1  # LLM positions an image adds to its text
+        self.total_steps = cfg.train.steps or cfg.optim.total_steps
+        self.mesh = make_mesh(cfg.mesh)
+        self.tx = make_optimizer(cfg.optim)
+        self.layout = state_layout(cfg, self.mesh, self.tx)
+        pc = PipelineConfig.from_config(cfg)
+        processes = jax.process_count()
+        self.shardings = batch_shardings(self.mesh, pc.images_per_batch * processes,
+                                         pc.conversations_per_batch * processes)
+        self.train_step = make_train_step(self.layout, cfg, self.tx, self.mesh, self.shardings)
+        self.pipeline = training_pipeline(cfg, tokenizer)
+        self.iterator = iter(self.pipeline)
+        # The built-in held-out set is synthetic; benchmark evaluation is `pixellm eval` on a checkpoint.
+        evaluating = cfg.train.eval_batches > 0 and "synthetic" in cfg.data.datasets
+        self.eval_batches = list(eval_pipeline(cfg, tokenizer)) if evaluating else []
+        self.eval_step = make_eval_step(self.layout, cfg, self.mesh, self.shardings) if self.eval_batches else None
+        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.train)
+        self.writer = MetricsWriter(self.out)
+        self.peak = peak_flops(cfg)
+        latest = self.checkpointer.latest_step() if cfg.train.resume else None
+        if latest is None:
+            _, self.state, self.frozen = init_state(cfg, self.mesh, self.tx, self.layout)
+            self.echo(f"initialised a new run in {self.out} ({self._describe()})")
+        else:
+            self.state, self.frozen = self.checkpointer.restore(latest, self.layout, self.iterator)
+            self.echo(f"resumed {self.out} from checkpoint {latest} ({self._describe()})")
+
+    def _describe(self) -> str:
+        m = self.mesh.shape
+        return (f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}, "
+                f"{jax.process_count()} process(es), {self.total_steps} steps x {self.accum} micro-batches")
+
+    def next_batch(self) -> dict:
+        """The next host-local training batch."""
+        return next(self.iterator)
+
+    def save(self, metrics: dict[str, float] | None = None, wait: bool = False) -> int:
+        step = int(self.state.step)
+        if step not in self.checkpointer.all_steps():
+            self.checkpointer.save(step, self.state, self.frozen, self.iterator, metrics)
+        if wait:
+            self.checkpointer.wait()
+        return step
+
+    def run(self) -> TrainResult:
+        cfg, tc = self.cfg, self.cfg.train
+        total_micro = self.total_steps * self.accum
+        window: list[dict[str, float]] = []
+        tokens = 0
+        flops = 0.0
+        eval_metrics: dict[str, float] = {}
+        preempted = False
+        window_start = time.perf_counter()
+        progress = self._progress(int(self.state.step) // self.accum)
+        try:
+            with PreemptionWatch() as watch:
+                while int(self.state.step) < total_micro:
+                    if watch.requested():
+                        step = self.save(wait=True)
+                        self.echo(f"preemption notice: saved checkpoint {step}, exiting")
+                        preempted = True
+                        break
+                    local = self.next_batch()
+                    self.state, metrics = self.train_step(self.state, self.frozen, global_batch(local, self.shardings))
+                    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    micro = int(self.state.step)
+                    self._check_finite(host, micro)
+                    window.append(host)
+                    n = jax.process_count()
+                    tokens += n * (int(local["attention_mask"].sum()) + self.image_tokens * int(local["conv_valid"].sum()))
+                    flops += step_flops(cfg, n * local["pixels"].shape[0], n * local["input_ids"].shape[0],
+                                        local["input_ids"].shape[1])
+                    if micro % self.accum:
+                        continue
+                    step = micro // self.accum
+                    progress.update(1)
+                    last = micro == total_micro
+                    if step % tc.log_every == 0 or last:
+                        elapsed = time.perf_counter() - window_start
+                        self._log(step, window, tokens, flops, elapsed, progress)
+                        window, tokens, flops, window_start = [], 0, 0.0, time.perf_counter()
+                    evaluated = None
+                    if self.eval_batches and ((tc.eval_every and step % tc.eval_every == 0) or last):
+                        eval_metrics = evaluated = self._evaluate(step, progress, overlays=last)
+                        window_start = time.perf_counter()
+                    if (tc.save_every and step % tc.save_every == 0) or last:
+                        self.save(evaluated)
+        finally:
+            progress.close()
+            self.checkpointer.wait()
+            best = self.checkpointer.best_step()
+            self.checkpointer.close()
+            self.writer.close()
+        result = TrainResult(int(self.state.step), int(self.state.step) // self.accum, eval_metrics, preempted,
+                             int(self.state.skipped), time.perf_counter() - self.started)
+        if self.primary:
+            summary = dataclasses.asdict(result) | {"best_checkpoint": best}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return result
+
+    def _check_finite(self, host: dict[str, float], micro: int) -> None:
+        if host["finite"]:
+            return
+        run, skipped = int(self.state.nonfinite), int(self.state.skipped)
+        self.echo(f"micro-batch {micro}: non-finite loss or gradient (loss {host['total']}, grad norm "
+                  f"{host['grad_norm']}); update skipped ({run} in a row, {skipped} in all)")
+        if run >= self.cfg.train.max_consecutive_nonfinite:
+            step = self.save(wait=True)
+            raise NonFiniteError(
+                f"{run} consecutive micro-batches had a non-finite loss or gradient (the last is micro-batch "
+                f"{micro}; train.max_consecutive_nonfinite={self.cfg.train.max_consecutive_nonfinite}). "
+                f"The last good parameters are in checkpoint {step} under {self.out / 'checkpoints'}.")
+
+    def _log(self, step: int, window: list[dict[str, float]], tokens: int, flops: float, elapsed: float,
+             progress) -> None:
+        good = [w for w in window if w["finite"]]  # skipped micro-batches are left out of the means
+        mean = {k: float(np.mean([w[k] for w in good])) for k in window[0] if k != "finite"} if good else {}
+        mean["lr"] = window[-1]["lr"]
+        mean["tokens_per_s"] = tokens / elapsed
+        mean["step_seconds"] = elapsed / len(window) * self.accum
+        mean["skipped"] = float(self.state.skipped)
+        if self.peak:
+            mean["mfu"] = flops / elapsed / (self.peak * jax.device_count())
+        self.writer.write(step, mean)
+        mfu = f" | mfu {mean['mfu']:.1%}" if "mfu" in mean else ""
+        losses = (f"loss {mean['total']:.4f} (ce {mean['ce']:.3f} bce {mean['bce']:.3f} dice {mean['dice']:.3f}) | "
+                  f"grad norm {mean['grad_norm']:.3f}" if good else "every micro-batch skipped")
+        progress.write(f"step {step}/{self.total_steps} | {losses} | lr {mean['lr']:.2e} | "
+                       f"{mean['tokens_per_s']:.0f} tok/s | {mean['step_seconds']:.3f} s/step{mfu}")
+
+    def _evaluate(self, step: int, progress, overlays: bool) -> dict[str, float]:
+        keep = 1 if overlays and self.cfg.train.overlays else 0
+        metrics, kept = evaluate(self.eval_step, self.state, self.frozen, self.eval_batches, self.shardings, keep)
+        self.writer.write(step, metrics, kind="eval")
+        progress.write(f"eval @ step {step}: gIoU {metrics['giou']:.4f} cIoU {metrics['ciou']:.4f} "
+                       f"val loss {metrics['val_loss']:.4f} ({metrics['targets']:.0f} targets)")
+        if kept and self.primary:
+            paths = write_overlays(self.out / "overlays", kept, self.hf_tokenizer, self.cfg.train.overlays,
+                                   self.cfg.data.normalization)
+            progress.write(f"wrote {len(paths)} mask overlays to {self.out / 'overlays'}")
+        return metrics
+
+    def _progress(self, initial: int):
+        return _Progress(self.total_steps, initial, self.echo,
+                         enabled=self.cfg.train.progress and self.primary and sys.stdout.isatty())
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain lines otherwise."""
+
+    def __init__(self, total: int, initial: int, echo: Callable[[str], None], enabled: bool):
+        self.echo = echo
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            self.echo(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) the training run `cfg` describes."""
+    return Trainer(cfg).run()
+
+
+def main(config: str, overrides: list[str]) -> int:
+    """`pixellm train`: 0 when finished or preempted (saved), 3 when stopped by non-finite values."""
+    from pixellm_jax.config import load_config
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(config, overrides)
+    try:
+        result = train(cfg)
+    except NonFiniteError as e:
+        print(f"pixellm train: {e}", file=sys.stderr)
+        return 3
+    if jax.process_index() == 0:
+        status = "preempted, checkpoint saved" if result.preempted else "done"
+        extra = "".join(f", {k} {v:.4f}" for k, v in result.eval_metrics.items() if k in ("giou", "ciou"))
+        print(f"{status}: {result.steps} steps in {result.wall_seconds:.1f}s{extra}; outputs in {cfg.train.output_dir}")
+    return 0
