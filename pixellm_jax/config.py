@@ -149,6 +149,10 @@ class ModelConfig:
     # Compute dtype and storage dtype of frozen parameters; trainable ones are always float32.
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     frozen_param_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # Attention kernel of LLaMA, CLIP and the SAM decoder (models/attention.py): "xla" is the
+    # parity path; "jax" is jax.nn.dot_product_attention (cuDNN or XLA as jax picks); "cudnn" forces
+    # cuDNN (GPU, needs dtype bfloat16); "pallas_tpu" is the Pallas splash kernel (TPU).
+    attention: Literal["xla", "jax", "cudnn", "pallas_tpu"] = "xla"
 
 
 @dataclass
@@ -233,8 +237,11 @@ class TrainConfig:
     # "official": PixelLM's trainable set (models/trainable.py); "all": every parameter but the CLIP tower,
     # for models trained from scratch (the demo), where a frozen random LLM would be a poor start.
     trainable: Literal["official", "all"] = "official"
-    # Tokenizer directory (LLaMA SentencePiece + tokenizer_config.json); "" = build a small one
-    # from the synthetic dataset's texts into output_dir (the demo).
+    # A `pixellm convert` output directory (LLaVA base, released PixelLM) whose weights start the run;
+    # "" = random initialisation. Its tokenizer/ is the run's tokenizer unless `tokenizer` is set.
+    init_from: str = ""
+    # Tokenizer directory (LLaMA SentencePiece + tokenizer_config.json); "" = the init_from
+    # checkpoint's, or else a small one built from the synthetic dataset's texts into output_dir (the demo).
     tokenizer: str = ""
     dataset_dir: str = "dataset"  # root of the real datasets, in the official `./dataset` layout
     synthetic_samples: int = 20000  # records of the built-in synthetic dataset (training split)
@@ -490,6 +497,9 @@ def validate(cfg: Config) -> None:
         _require(h.scale_fusion == "official", "model.head.scale_fusion",
                  "mode 'official' needs scale_fusion 'official'")
         _require(not cfg.loss.refinement, "loss.refinement", "mode 'official' has no target refinement loss")
+
+    _require(cfg.model.attention != "cudnn" or cfg.model.dtype == "bfloat16", "model.attention",
+             "'cudnn' runs in bfloat16 only; set model.dtype=bfloat16 or use 'jax'")
 
     _require(cfg.loss.refinement_alpha >= 1.0, "loss.refinement_alpha", "must be >= 1")
     o = cfg.optim

@@ -51,6 +51,11 @@ RECIPES = ("fsdp", "data_fsdp", "fsdp_tensor")
 # with a memory limit, so the memory-minimising CPU scheduler is the closer stand-in.
 MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 REMATS = ("none", "full", "dots")
+# The train step does not trace with LoRA dropout > 0 (`train/step.py` merges the dropout RNG
+# streams without copying them, and the LLM's layer loop then mutates them from inside
+# `value_and_grad`: flax TraceContextError). Dropout changes no shape and, under remat, no saved
+# activation, so the plan compiles without it; `--override model.lora.dropout=0.05` puts it back.
+NO_LORA_DROPOUT = ("model.lora.dropout=0.0",)
 
 
 def recipe_mesh(recipe: str, devices: int, tensor: int = 4, group: int = 8):
@@ -218,7 +223,8 @@ def plan_cell(model: str, recipe: str, remat: str, devices: int, args: argparse.
     from pixellm_jax.config import load_config
 
     mesh_cfg = recipe_mesh(recipe, devices, args.tensor)
-    overrides = [f"model.text.remat={remat}", f"model.text.scan_layers={str(args.scan).lower()}", *args.override]
+    overrides = [*NO_LORA_DROPOUT, f"model.text.remat={remat}", f"model.text.scan_layers={str(args.scan).lower()}",
+                 *args.override]
     kw = dict(images_per_group=args.images, convs_per_group=args.convs, text_len=args.text_len)
     cfg = load_config(model, overrides)
     if not args.extrapolate:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixellm_jax.config import VisionConfig
-from pixellm_jax.models.attention import dot_product_attention
+from pixellm_jax.models.attention import Impl, dot_product_attention
 from pixellm_jax.models.layers import axes_meta, layer_norm, linear, param, quick_gelu
 
 
@@ -61,8 +61,11 @@ class CLIPVisionEmbeddings(nnx.Module):
 class CLIPAttention(nnx.Module):
     """Multi-head self-attention with biased q/k/v/out projections (`self_attn.*`)."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32, attention: Impl = "xla", rngs: nnx.Rngs
+    ):
         d = cfg.hidden_size
+        self.attention = attention
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -77,7 +80,7 @@ class CLIPAttention(nnx.Module):
         q = self.q_proj(x).reshape(split)
         k = self.k_proj(x).reshape(split)
         v = self.v_proj(x).reshape(split)
-        out = dot_product_attention(q, k, v, mask)
+        out = dot_product_attention(q, k, v, mask, impl=self.attention)
         return self.out_proj(out.reshape(b, t, -1))
 
 
@@ -96,10 +99,12 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     """Pre-LN block: x + attn(ln1(x)), then x + mlp(ln2(x)) (`encoder.layers[i]`)."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32, attention: Impl = "xla", rngs: nnx.Rngs
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         ln = dict(eps=cfg.layer_norm_eps, rngs=rngs, dtype=jnp.float32, param_dtype=param_dtype)
-        self.self_attn = CLIPAttention(cfg, **kw)
+        self.self_attn = CLIPAttention(cfg, attention=attention, **kw)
         self.layer_norm1 = layer_norm(cfg.hidden_size, "vision_embed", **ln)
         self.mlp = CLIPMLP(cfg, **kw)
         self.layer_norm2 = layer_norm(cfg.hidden_size, "vision_embed", **ln)
@@ -112,10 +117,11 @@ class CLIPEncoderLayer(nnx.Module):
 class CLIPEncoder(nnx.Module):
     """The stack of encoder layers (`encoder.layers`)."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [CLIPEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
-        )
+    def __init__(
+        self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32, attention: Impl = "xla", rngs: nnx.Rngs
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs)
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
 
 
 class CLIPVisionTower(nnx.Module):
@@ -123,10 +129,12 @@ class CLIPVisionTower(nnx.Module):
 
     `feature_layers` index HF's `hidden_states` (length num_layers + 1; 0 = pre_layrnorm(embeddings),
     k = output of layer k; negative counts from the end). Only the layers up to the deepest selected
-    state are run.
+    state are run. `attention` picks the attention implementation (models/attention.py).
     """
 
-    def __init__(self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32, attention: Impl = "xla", rngs: nnx.Rngs
+    ):
         n_states = cfg.num_layers + 1
         for layer in cfg.feature_layers:
             if not -n_states <= layer < n_states:
@@ -139,7 +147,7 @@ class CLIPVisionTower(nnx.Module):
             cfg.hidden_size, "vision_embed", eps=cfg.layer_norm_eps, rngs=rngs, dtype=jnp.float32,
             param_dtype=param_dtype,
         )
-        self.encoder = CLIPEncoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.encoder = CLIPEncoder(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs)
 
     def __call__(self, pixels: jax.Array, patch_mask: jax.Array | None = None) -> list[jax.Array]:
         """pixels [B, H, W, 3]; patch_mask [B, grid, grid] bool (True = valid) or None.

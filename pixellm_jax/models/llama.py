@@ -19,6 +19,11 @@ with the same attention mask and positions. Positions default to `index + arange
 from 0 without a cache, as PixelLM uses even with padding); pass them explicitly for anything else.
 The caller keeps index + T <= max_len (writes past the end are clamped by XLA, not detected).
 
+Attention runs through `models/attention.py` with the `attention` implementation. Without a cache
+it gets the key-padding mask plus `causal=True`; with a cache the queries sit at a traced offset,
+so it gets the dense causal-and-padding mask, and "pallas_tpu" (whose causal mask is static) is
+replaced by "xla" for those calls: the Pallas kernel serves the cache-free training forward.
+
 Run the model under NNX transforms (`nnx.jit`, `nnx.value_and_grad`, ...) or merge it inside the
 innermost JAX transform: `nnx.scan`/`nnx.remat` refuse Variables captured from an outer JAX trace.
 """
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixellm_jax.config import LoraConfig, TextConfig
-from pixellm_jax.models.attention import dot_product_attention
+from pixellm_jax.models.attention import Impl, dot_product_attention
 from pixellm_jax.models.layers import axes_meta, embed, linear
 from pixellm_jax.models.lora import LoRALinear
 
@@ -116,7 +121,11 @@ def _apply(proj: nnx.Module, x: jax.Array, deterministic: bool) -> jax.Array:
 class LlamaAttention(nnx.Module):
     """Multi-head / grouped-query self-attention with RoPE and an optional per-layer KV cache."""
 
-    def __init__(self, cfg: TextConfig, lora: LoraConfig | None, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: TextConfig, lora: LoraConfig | None, *, dtype, param_dtype, attention: Impl = "xla",
+        rngs: nnx.Rngs,
+    ):
+        self.attention = attention
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -136,8 +145,10 @@ class LlamaAttention(nnx.Module):
         kv: tuple[jax.Array, jax.Array] | None,
         index: jax.Array | None,
         deterministic: bool,
+        causal: bool,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, H]; mask [B, 1, T, S] bool; kv this layer's cache slices [B, S, kv, d] or None."""
+        """x [B, T, H]; mask [B, 1, T or 1, S] bool, AND key <= query if `causal`; kv this layer's
+        cache slices [B, S, kv, d] or None."""
         b, t, _ = x.shape
         q = _apply(self.q_proj, x, deterministic).reshape(b, t, self.num_heads, self.head_dim)
         k = _apply(self.k_proj, x, deterministic).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -150,7 +161,8 @@ class LlamaAttention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             kv = (k_cache, v_cache)
             k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-        out = dot_product_attention(q, k, v, mask)
+        impl = "xla" if kv is not None and self.attention == "pallas_tpu" else self.attention
+        out = dot_product_attention(q, k, v, mask, causal=causal, impl=impl)
         return _apply(self.o_proj, out.reshape(b, t, -1), deterministic), kv
 
 
@@ -172,15 +184,18 @@ class LlamaMLP(nnx.Module):
 class LlamaDecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: TextConfig, lora: LoraConfig | None, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: TextConfig, lora: LoraConfig | None, *, dtype, param_dtype, attention: Impl = "xla",
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.self_attn = LlamaAttention(cfg, lora, rngs=rngs, **kw)
+        self.self_attn = LlamaAttention(cfg, lora, attention=attention, rngs=rngs, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = LlamaMLP(cfg, lora, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv, index, deterministic: bool):
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, deterministic)
+    def __call__(self, x, cos, sin, mask, kv, index, deterministic: bool, causal: bool):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, deterministic, causal)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x), deterministic)
         return x, kv
@@ -198,7 +213,7 @@ class LlamaModel(nnx.Module):
     """`LlamaForCausalLM`: embed_tokens, stacked decoder layers, final norm, untied lm_head.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of every base weight; LoRA factors
-    are always float32.
+    are always float32. `attention` picks the attention implementation (models/attention.py).
     """
 
     def __init__(
@@ -208,6 +223,7 @@ class LlamaModel(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        attention: Impl = "xla",
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
@@ -220,7 +236,7 @@ class LlamaModel(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs: nnx.Rngs) -> LlamaDecoderLayer:
-            return LlamaDecoderLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            return LlamaDecoderLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs)
 
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -275,27 +291,29 @@ class LlamaModel(nnx.Module):
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
 
         if cache is None:
+            # Queries and keys are the same T slots: key padding plus the attention's causal flag.
             key_valid = attention_mask
             kv = None
+            mask, causal = key_valid[:, None, None, :], True
         else:
             key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
             kv = (cache.k, cache.v)
-        query_slots = offset + jnp.arange(t)
-        causal = jnp.arange(key_valid.shape[1])[None, :] <= query_slots[:, None]
-        mask = causal[None, None] & key_valid[:, None, None, :]
+            query_slots = offset + jnp.arange(t)
+            in_order = jnp.arange(key_valid.shape[1])[None, :] <= query_slots[:, None]
+            mask, causal = in_order[None, None] & key_valid[:, None, None, :], False
 
-        x, kv = self._run_layers(x, kv, cos, sin, mask, offset, deterministic)
+        x, kv = self._run_layers(x, kv, cos, sin, mask, offset, deterministic, causal)
         hidden = self.norm(x)
         logits = self.lm_head(hidden)
         new_cache = None if cache is None else KVCache(kv[0], kv[1], key_valid, cache.index + t)
         return LlamaOutput(logits=logits, hidden=hidden, cache=new_cache)
 
-    def _run_layers(self, x, kv, cos, sin, mask, index, deterministic: bool):
+    def _run_layers(self, x, kv, cos, sin, mask, index, deterministic: bool, causal: bool):
         """All decoder layers, by `nnx.scan` or a Python loop over the stacked parameters."""
 
         def step(layer: LlamaDecoderLayer, x, kv, cos, sin, mask, index):
             """One layer as a function of (layer, carry, its cache slices) for scan, remat and the loop."""
-            return layer(x, cos, sin, mask, kv, index, deterministic)
+            return layer(x, cos, sin, mask, kv, index, deterministic, causal)
 
         if self.cfg.remat != "none":
             step = nnx.remat(step, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)

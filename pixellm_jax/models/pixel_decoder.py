@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixellm_jax.config import HeadConfig
+from pixellm_jax.models.attention import Impl
 from pixellm_jax.models.layers import axes_meta, embed, param
 from pixellm_jax.models.sam_layers import (
     EMBED,
@@ -79,15 +80,19 @@ class MultiScaleMaskDecoder(nnx.Module):
 
     Only mask token 0 makes masks (`multimask_output=False`), so only `output_hypernetworks_mlps[0]`
     is evaluated; the other hypernetwork MLPs and `iou_prediction_head` are kept because the
-    checkpoints hold them, but the official model never uses their outputs.
+    checkpoints hold them, but the official model never uses their outputs. `attention` picks the
+    attention implementation of the two-way transformers (models/attention.py).
     """
 
-    def __init__(self, head: HeadConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    def __init__(
+        self, head: HeadConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, attention: Impl = "xla"
+    ):
         dim, levels = head.out_dim, head.scale_num
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.transformer = nnx.List(
             TwoWayTransformer(
-                head.decoder_depth, dim, head.decoder_heads, head.decoder_mlp_dim, head.attention_downsample, **kw
+                head.decoder_depth, dim, head.decoder_heads, head.decoder_mlp_dim, head.attention_downsample,
+                attention=attention, **kw,
             )
             for _ in range(levels)
         )

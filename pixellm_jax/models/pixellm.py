@@ -51,17 +51,17 @@ class PixelLM(nnx.Module):
         dtype = DTYPES[cfg.dtype]
         v, t, p, h = cfg.vision, cfg.text, cfg.projector, cfg.head
         kw = dict(dtype=dtype, rngs=rngs)
-        self.vision_tower = CLIPVisionTower(v, **kw)
+        self.vision_tower = CLIPVisionTower(v, attention=cfg.attention, **kw)
         proj_hidden = p.hidden_mult * t.hidden_size
         self.mm_projector = VisionProjector(v.hidden_size, proj_hidden, t.hidden_size, **kw)
         if p.separate_out_projector:
             self.out_mm_projector = VisionProjector(v.hidden_size, proj_hidden, t.hidden_size, **kw)
-        self.llm = LlamaModel(t, cfg.lora if cfg.lora.enabled else None, **kw)
+        self.llm = LlamaModel(t, cfg.lora if cfg.lora.enabled else None, attention=cfg.attention, **kw)
         self.text_hidden_fcs = TextHiddenFcs(t.hidden_size, h.out_dim, **kw)
         self.token_fusion = TokenFusion(h, **kw)
         self.image_feature_neck = FeatureNeck(t.hidden_size, h.out_dim, **kw)
         self.prompt_encoder = PromptEncoder(h.out_dim, **kw)
-        self.mask_decoder = MultiScaleMaskDecoder(h, **kw)
+        self.mask_decoder = MultiScaleMaskDecoder(h, attention=cfg.attention, **kw)
         self.seg_ids = h.seg_ids(t.vocab_size)
 
     def encode_images(self, pixels: jax.Array, resized_hw: jax.Array) -> ImageFeatures:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixellm_jax.models.attention import dot_product_attention
+from pixellm_jax.models.attention import Impl, dot_product_attention
 from pixellm_jax.models.layers import axes_meta, gelu_exact, layer_norm, linear
 
 EMBED = "decoder_embed"
@@ -131,11 +131,13 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs,
         dtype=None,
         param_dtype=jnp.float32,
+        attention: Impl = "xla",
     ):
         inner = dim // downsample_rate
         if inner % num_heads:
             raise ValueError(f"{num_heads} heads do not divide the attention width {inner} (= {dim}/{downsample_rate})")
         self.num_heads = num_heads
+        self.attention = attention
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = linear(dim, inner, (EMBED, INNER), **kw)
         self.k_proj = linear(dim, inner, (EMBED, INNER), **kw)
@@ -148,7 +150,8 @@ class Attention(nnx.Module):
         def heads(x):
             return x.reshape(*x.shape[:-1], self.num_heads, x.shape[-1] // self.num_heads)
 
-        out = dot_product_attention(heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v)))
+        q, k, v = heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))
+        out = dot_product_attention(q, k, v, impl=self.attention)
         return self.out_proj(out.reshape(*out.shape[:-2], -1))
 
 
@@ -170,16 +173,18 @@ class TwoWayAttentionBlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype=None,
         param_dtype=jnp.float32,
+        attention: Impl = "xla",
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.self_attn = Attention(dim, num_heads, **kw)
+        attn = dict(kw, attention=attention)
+        self.self_attn = Attention(dim, num_heads, **attn)
         self.norm1 = layer_norm(dim, EMBED, eps=1e-5, **kw)
-        self.cross_attn_token_to_image = Attention(dim, num_heads, downsample_rate, **kw)
+        self.cross_attn_token_to_image = Attention(dim, num_heads, downsample_rate, **attn)
         self.norm2 = layer_norm(dim, EMBED, eps=1e-5, **kw)
         self.mlp = MLPBlock(dim, mlp_dim, **kw)
         self.norm3 = layer_norm(dim, EMBED, eps=1e-5, **kw)
         self.norm4 = layer_norm(dim, EMBED, eps=1e-5, **kw)
-        self.cross_attn_image_to_token = Attention(dim, num_heads, downsample_rate, **kw)
+        self.cross_attn_image_to_token = Attention(dim, num_heads, downsample_rate, **attn)
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def __call__(
@@ -215,12 +220,14 @@ class TwoWayTransformer(nnx.Module):
         rngs: nnx.Rngs,
         dtype=None,
         param_dtype=jnp.float32,
+        attention: Impl = "xla",
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        attn = dict(kw, attention=attention)
         self.layers = nnx.List(
-            TwoWayAttentionBlock(dim, num_heads, mlp_dim, downsample_rate, i == 0, **kw) for i in range(depth)
+            TwoWayAttentionBlock(dim, num_heads, mlp_dim, downsample_rate, i == 0, **attn) for i in range(depth)
         )
-        self.final_attn_token_to_image = Attention(dim, num_heads, downsample_rate, **kw)
+        self.final_attn_token_to_image = Attention(dim, num_heads, downsample_rate, **attn)
         self.norm_final_attn = layer_norm(dim, EMBED, eps=1e-5, **kw)
 
     def __call__(

@@ -6,6 +6,7 @@ Saves are asynchronous (the step loop goes on while the arrays are written) and 
 directory appears only when complete, so a run killed mid-save resumes from the previous one).
 Kept: the latest `train.keep` steps and the best one by `train.eval_metric`. Restoring takes the
 target layout, so a checkpoint written on one mesh restores onto any other mesh shape.
+At the end of a run the model alone is also written in the conversion layout (`write_model`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from pixellm_jax.config import TrainConfig
+from pixellm_jax.config import Config, TrainConfig
 from pixellm_jax.train.state import StateLayout, TrainState, abstract_with_shardings
 
 
@@ -87,3 +88,22 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def write_model(directory: str | Path, layout: StateLayout, state: TrainState, frozen: Any, cfg: Config,
+                hf_tokenizer: Any) -> Path:
+    """The trained model as a `pixellm convert`-layout checkpoint (params/, config.yaml, tokenizer/):
+    what `pixellm eval`, `pixellm predict`, `pixellm export` and another run's `train.init_from` open.
+
+    Written beside `directory` and renamed into place (replacing an older one); every process writes
+    its shards.
+    """
+    from flax import nnx
+
+    from pixellm_jax.convert.checkpoint import model_params, staged_output, write_checkpoint
+
+    model = nnx.merge(layout.graphdef, state.params, state.rngs, frozen)
+    report = {"source": "pixellm train", "micro_steps": int(state.step), "output_dir": str(cfg.train.output_dir)}
+    with staged_output(directory, force=True) as stage:
+        write_checkpoint(stage, model_params(model), cfg, report=report, write_tokenizer=hf_tokenizer.save_pretrained)
+    return Path(directory)

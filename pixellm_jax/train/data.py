@@ -1,9 +1,9 @@
 """The run's tokenizer and input pipelines, from the config.
 
-Tokenizer: `train.tokenizer` names a LLaMA tokenizer directory; empty builds a small SentencePiece
-tokenizer from the synthetic dataset's own texts into `<output_dir>/tokenizer` (the demo; process 0
-builds it, the others read it from the shared output directory). Either way
-the codebook tokens and `<im_start>`/`<im_end>` are added as the official code adds them, and the
+Tokenizer: `train.tokenizer` names a LLaMA tokenizer directory; empty takes the `train.init_from`
+checkpoint's, or else (the demo) builds a small SentencePiece tokenizer from the synthetic dataset's
+own texts into `<output_dir>/tokenizer` (process 0 builds it, the others read it from the shared
+output directory). Either way the codebook tokens and `<im_start>`/`<im_end>` are added as the official code adds them, and the
 model config gets the codebook ids the tokenizer assigned (`model.head.seg_token_ids`).
 
 Sources: `data.datasets` names, each with its `data.sample_rates` entry, in the official `./dataset`
@@ -49,8 +49,13 @@ def load_tokenizer(cfg: Config, output_dir: Path):
     """(HF tokenizer, LegacyTokenizer) of the run, building the demo tokenizer when none is named."""
     from transformers import AutoTokenizer
 
-    directory = Path(cfg.train.tokenizer) if cfg.train.tokenizer else output_dir / "tokenizer"
-    if not cfg.train.tokenizer:
+    if cfg.train.tokenizer:
+        directory = Path(cfg.train.tokenizer)
+    elif cfg.train.init_from:
+        directory = Path(cfg.train.init_from) / "tokenizer"
+    else:
+        directory = output_dir / "tokenizer"
+    if not cfg.train.tokenizer and not cfg.train.init_from:
         if jax.process_index() == 0 and not (directory / "tokenizer.model").is_file():
             build_tiny_tokenizer(directory, DEMO_VOCAB, synthetic_texts(seed=cfg.seed))
         if jax.process_count() > 1:  # the others read it from the shared output_dir
@@ -58,7 +63,7 @@ def load_tokenizer(cfg: Config, output_dir: Path):
 
             multihost_utils.sync_global_devices("pixellm demo tokenizer")
     if not directory.is_dir():
-        raise ConfigError(f"train.tokenizer: {directory} is not a directory")
+        raise ConfigError(f"train.tokenizer: {directory} is not a tokenizer directory")
     hf = AutoTokenizer.from_pretrained(str(directory))
     h = cfg.model.head
     add_codebook_tokens(hf, h.seg_token_num, h.scale_num)

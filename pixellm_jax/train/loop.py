@@ -12,7 +12,8 @@ and to a preemption notice:
     row save a checkpoint of the state (whose parameters are the last good ones, since skipped
     updates change nothing) and raise `NonFiniteError`;
   * SIGTERM saves the current step, waits for the write, and returns with `preempted=True`.
-A run restarted with the same output_dir resumes from its latest checkpoint (`train.resume`).
+A finished run also writes `<output_dir>/model`, the trained model in the conversion layout (for
+`pixellm eval`, `predict`, `export` and `train.init_from`). A run restarted with the same output_dir resumes from its latest checkpoint (`train.resume`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from pixellm_jax.config import Config, dump_config
 from pixellm_jax.data.pipeline import PipelineConfig
 from pixellm_jax.train import distributed
-from pixellm_jax.train.checkpoint import Checkpointer
+from pixellm_jax.train.checkpoint import Checkpointer, write_model
 from pixellm_jax.train.data import eval_pipeline, load_tokenizer, training_pipeline, with_tokenizer_ids
 from pixellm_jax.train.mesh import batch_shardings, global_batch, make_mesh
 from pixellm_jax.train.metrics import MetricsWriter, peak_flops, step_flops
@@ -169,6 +170,9 @@ class Trainer:
             best = self.checkpointer.best_step()
             self.checkpointer.close()
             self.writer.close()
+        if not preempted:
+            path = write_model(self.out / "model", self.layout, self.state, self.frozen, self.cfg, self.hf_tokenizer)
+            self.echo(f"wrote the trained model to {path} (pixellm eval / predict / export --checkpoint {path})")
         result = TrainResult(int(self.state.step), int(self.state.step) // self.accum, eval_metrics, preempted,
                              int(self.state.skipped), time.perf_counter() - self.started)
         if self.primary:

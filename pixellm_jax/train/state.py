@@ -70,6 +70,7 @@ class StateLayout(NamedTuple):
 def _fresh(model_cfg: ModelConfig, seed: int, cfg: Config, tx: optax.GradientTransformation):
     model = build_pixellm(model_cfg, seed)
     _, params, rngs, frozen = split_model(model, cfg)
+    params = jax.tree.map(_float32, params)  # trained weights are float32 whatever their storage dtype
     zero = jnp.zeros((), jnp.int32)
     state = TrainState(step=zero, params=params, opt_state=tx.init(params), rngs=rngs, nonfinite=zero, skipped=zero)
     return state, frozen
@@ -83,13 +84,48 @@ def state_layout(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -> S
     return StateLayout(graphdef, state, frozen, variable_shardings(state, mesh), variable_shardings(frozen, mesh))
 
 
+def _float32(x):
+    return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
 def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, layout: StateLayout | None = None):
-    """(layout, state, frozen): a freshly initialised run, every array created in its sharding."""
+    """(layout, state, frozen): a new run, every array created in its sharding.
+
+    With `train.init_from` (a `pixellm convert` output, e.g. a LLaVA base or a released PixelLM), its
+    weights replace the initial ones; the checkpoint must hold exactly the parameters of `model`
+    (a mismatch is one error naming every differing path). Optimizer state starts fresh either way.
+    """
     layout = layout or state_layout(cfg, mesh, tx)
     init = jax.jit(lambda: _fresh(cfg.model, cfg.seed, cfg, tx),
                    out_shardings=(layout.state_shardings, layout.frozen_shardings))
     state, frozen = init()
+    if cfg.train.init_from:
+        state, frozen = _with_pretrained(cfg, mesh, state, frozen)
     return layout, state, frozen
+
+
+def _with_pretrained(cfg: Config, mesh: Mesh, state: TrainState, frozen: nnx.State):
+    """`state` and `frozen` with every saved parameter taken from `train.init_from`."""
+    from pixellm_jax.convert.checkpoint import restore_params
+    from pixellm_jax.convert.stream import path_str
+
+    weights = restore_params(cfg.train.init_from, cfg.model, mesh)
+
+    def load(tree: nnx.State) -> nnx.State:
+        flat = []
+        for path, var in nnx.to_flat_state(tree):
+            key = path_str(path)
+            if key in weights:  # every Param and Buffer; RNG streams are not saved
+                current = var.get_value()
+                var = var.replace(weights.pop(key).astype(current.dtype))
+            flat.append((path, var))
+        return nnx.from_flat_state(flat)
+
+    params = load(state.params)
+    rest = load(frozen)
+    if weights:  # restore_params checked the set against the model; nothing may be left unused
+        raise ValueError(f"train.init_from: {sorted(weights)[:5]} ... were not placed in the train state")
+    return state._replace(params=params), rest  # optimizer state (zeros) does not depend on the values
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

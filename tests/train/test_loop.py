@@ -5,9 +5,11 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from pixellm_jax.cli import main as cli_main
 from pixellm_jax.config import load_config
+from pixellm_jax.eval.loading import load_for_inference
 from pixellm_jax.train.checkpoint import Checkpointer
 from pixellm_jax.train.loop import NonFiniteError, Trainer
 from tests.train.conftest import SMALL
@@ -36,6 +38,20 @@ def test_demo_shortened_runs_end_to_end(tmp_path, compile_cache, capsys):
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     # The resolved config records the tokenizer's codebook ids, so the run can be rebuilt from it.
     assert load_config(out / "config.yaml").model.head.seg_token_ids == list(range(640, 646))
+
+    # The trained model, in the conversion layout: evaluation opens it, and a new run starts from it.
+    loaded = load_for_inference(out / "model")
+    assert loaded.legacy.seg_ids == list(range(640, 646))
+    cfg = load_config("demo", [*SMALL, f"train.output_dir={tmp_path / 'next'}", f"train.init_from={out / 'model'}",
+                               "train.eval_batches=0"])
+    started = Trainer(cfg, echo=lambda _: None)
+    final = Checkpointer(out / "checkpoints", cfg.train).restore(4, started.layout)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get((started.state.params, started.frozen)),
+                 jax.device_get((final[0].params, final[1])))
+    assert int(started.state.step) == 0
+    inference = nnx.state(loaded.model, nnx.Param)
+    assert np.array_equal(inference["llm"]["lm_head"]["kernel"].get_value(),
+                          np.asarray(final[0].params["llm"]["lm_head"]["kernel"].get_value()))
 
 
 class PoisonedTrainer(Trainer):
