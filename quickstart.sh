@@ -13,7 +13,7 @@ py="$venv/bin/python"
 case "$job" in
   demo)
     "$py" -m pip install -q -e .
-    exec "$venv/bin/pixellm" describe --config configs/pixellm_7b.yaml --run-tiny configs/tiny.yaml
+    exec "$venv/bin/pixellm" train --config demo
     ;;
   test)
     "$py" -m pip install -q -e '.[dev]'

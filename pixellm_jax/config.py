@@ -44,6 +44,9 @@ class VisionConfig:
     # How a position table for image_size is derived from pretrained_image_size:
     # "official" = PixelLM's bilinear construction with its off-by-one; "hf" = transformers bicubic.
     position_interpolation: Literal["official", "hf"] = "official"
+    # Train the tower too (with `train.trainable: all`). PixelLM keeps its pretrained CLIP frozen;
+    # a model trained from scratch (the demo) needs features learned for its task.
+    trainable: bool = False
 
     @property
     def grid(self) -> int:
@@ -234,8 +237,9 @@ class TrainConfig:
     async_checkpointing: bool = True
     resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
     max_consecutive_nonfinite: int = 10  # that many skipped (non-finite) micro-batches in a row stop the run
-    # "official": PixelLM's trainable set (models/trainable.py); "all": every parameter but the CLIP tower,
-    # for models trained from scratch (the demo), where a frozen random LLM would be a poor start.
+    # "official": PixelLM's trainable set (models/trainable.py); "all": every parameter but the CLIP tower
+    # (and it too with model.vision.trainable), for models trained from scratch (the demo), where a
+    # frozen random LLM would be a poor start.
     trainable: Literal["official", "all"] = "official"
     # A `pixellm convert` output directory (LLaVA base, released PixelLM) whose weights start the run;
     # "" = random initialisation. Its tokenizer/ is the run's tokenizer unless `tokenizer` is set.
@@ -541,3 +545,5 @@ def validate(cfg: Config) -> None:
     _require(tr.synthetic_samples >= 1, "train.synthetic_samples", "must be >= 1")
     _require(tr.overlays >= 0, "train.overlays", "must be >= 0")
     _require(tr.peak_tflops >= 0, "train.peak_tflops", "must be >= 0")
+    _require(not cfg.model.vision.trainable or tr.trainable == "all", "model.vision.trainable",
+             "needs train.trainable: all (the official trainable set keeps CLIP frozen)")

@@ -158,18 +158,26 @@ def staged_output(out: str | Path, force: bool = False) -> Iterator[Path]:
         stage.rename(out)
 
 
+def type_handler_registry(deepcopy_host_arrays: bool = True):
+    """Orbax's standard handlers (scalars, numpy, jax arrays) with replica-parallel writing off: it
+    compiles a slicing program per array shape, minutes for a model on a CPU host."""
+    from orbax.checkpoint import type_handlers
+
+    scalar = type_handlers.ScalarHandler()
+    return type_handlers.create_type_handler_registry(
+        (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
+        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=deepcopy_host_arrays)),
+        (jax.Array, type_handlers.ArrayHandler(use_replica_parallel=False)),
+    )
+
+
 def _checkpointer(sharded: bool):
     """Orbax without defensive host copies or compression. Host buffers go to one zarr array per
     parameter (OCDBT would stage a whole array in memory); device arrays, written shard by shard, go
     to OCDBT (far fewer files)."""
     import orbax.checkpoint as ocp
-    from orbax.checkpoint import type_handlers
 
-    registry = type_handlers.create_type_handler_registry(
-        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-        # replica-parallel writing compiles a slicing program per array shape: minutes for a model
-        (jax.Array, type_handlers.ArrayHandler(use_replica_parallel=False)),
-    )
+    registry = type_handler_registry(deepcopy_host_arrays=False)
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=sharded, use_compression=False, type_handler_registry=registry)
     return ocp, ocp.Checkpointer(handler)
 

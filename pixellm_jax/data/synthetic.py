@@ -9,9 +9,9 @@ is *referable* when "{colour} {shape}" or else "{size} {colour} {shape}" names i
 
 Questions (drawn from the `rng` given to `get`, so each epoch may ask differently about a scene):
   * refer: one referable shape — "Can you segment the red circle in this image?" →
-    "Sure, the red circle [SEG].";
+    "Sure, the circle in red [SEG].";
   * multi: 2–3 referable shapes in one question, answered per target in question order —
-    "red circle [SEG] and blue square [SEG].";
+    "circle in red [SEG] and square in blue [SEG].";
   * relation: the shapes left of / right of / above / below a referable anchor, by centre, asked only
     when every other shape is at least `relation_margin` (fraction of the image side) from the anchor
     along that axis and 1..max_targets shapes qualify — "Segment the shapes left of the red circle." →
@@ -48,11 +48,18 @@ REFER_QUESTIONS = (
     "Please segment the {} in this image.",
     "What is the {} in this image? Please output segmentation mask.",
 )
-# Answers name their target right before its [SEG], so the state that predicts the first codebook
-# token sits on the target's own noun ("... red circle[SEG0]"): the prompt then carries the target's
-# identity from the first step, and a small model trained from scratch learns to tell targets apart
-# (with "Sure, it is [SEG]." the decoder's prompts start identical and the masks ignore the question).
+# Answers name their target with its colour last, right before its [SEG] ("the circle in red
+# [SEG]"): the state that predicts the first codebook token sits on the colour word, so the prompt
+# carries the feature the decoder can match in the image from the first step, and a small model
+# trained from scratch learns to tell targets apart (with "Sure, it is [SEG]." the prompts of all
+# targets start alike and collapse, and the masks ignore the question).
 REFER_ANSWERS = ("Sure, the {name} {seg}.", "It is the {name} {seg}.", "Sure, {name} {seg}.")
+
+
+def answer_name(name: str) -> str:
+    """A description with its colour last: "large red circle" -> "large circle in red"."""
+    *size, colour, kind = name.split()
+    return " ".join([*size, kind, "in", colour])
 MULTI_QUESTIONS = ("Can you segment the {} in this image?", "Please segment the {}.")
 RELATION_QUESTIONS = (
     "Segment the shapes {} the {}.",
@@ -230,7 +237,7 @@ class SyntheticShapes(Source):
         referable = [i for i, n in enumerate(scene.names) if n is not None]
         i = int(rng.choice(referable))
         question = str(rng.choice(REFER_QUESTIONS)).format(scene.names[i])
-        answer = str(rng.choice(REFER_ANSWERS)).format(name=scene.names[i], seg=SEG_PLACEHOLDER)
+        answer = str(rng.choice(REFER_ANSWERS)).format(name=answer_name(scene.names[i]), seg=SEG_PLACEHOLDER)
         return question, answer, [i]
 
     def _multi(self, scene: Scene, rng: np.random.Generator) -> tuple[str, str, list[int]] | None:
@@ -241,7 +248,7 @@ class SyntheticShapes(Source):
         chosen = [int(i) for i in rng.choice(referable, size=int(rng.integers(2, top + 1)), replace=False)]
         names = [scene.names[i] for i in chosen]
         question = str(rng.choice(MULTI_QUESTIONS)).format(join_list(names))
-        answer = join_list([f"{n} {SEG_PLACEHOLDER}" for n in names]) + "."
+        answer = join_list([f"{answer_name(n)} {SEG_PLACEHOLDER}" for n in names]) + "."
         return question, answer, chosen
 
     def relation_targets(self, scene: Scene, anchor: int, relation: str) -> list[int] | None:

@@ -69,7 +69,8 @@ class PixelLM(nnx.Module):
         v, p, h = self.cfg.vision, self.cfg.projector, self.cfg.head
         grid = v.grid
         feats = self.vision_tower(pixels, vit_patch_mask(resized_hw, grid, v.patch_size))
-        feats = [jax.lax.stop_gradient(f) for f in feats]  # the tower is frozen
+        if not v.trainable:  # the pretrained tower is frozen
+            feats = [jax.lax.stop_gradient(f) for f in feats]
         llm_tokens = self.mm_projector(pool_patches(feats[0], grid, p.llm_grid))
         llm_mask = llm_token_mask(resized_hw, p.llm_grid, v.image_size)
         out_proj = self.out_mm_projector if p.separate_out_projector else self.mm_projector

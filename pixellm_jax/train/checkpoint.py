@@ -19,7 +19,13 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from pixellm_jax.config import Config, TrainConfig
+from pixellm_jax.convert.checkpoint import type_handler_registry
 from pixellm_jax.train.state import StateLayout, TrainState, abstract_with_shardings
+
+
+def _restore_args(target: Any) -> ocp.args.PyTreeRestore:
+    """Restore every array of `target` (ShapeDtypeStructs with shardings) into its sharding."""
+    return ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
 
 
 class Checkpointer:
@@ -44,8 +50,8 @@ class Checkpointer:
             Path(directory).absolute(),
             options=options,
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "frozen": ocp.StandardCheckpointHandler(),
+                "state": ocp.PyTreeCheckpointHandler(type_handler_registry=type_handler_registry()),
+                "frozen": ocp.PyTreeCheckpointHandler(type_handler_registry=type_handler_registry()),
                 "data": grain.checkpoint.CheckpointHandler(),
             },
         )
@@ -64,7 +70,7 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, frozen: Any, iterator: Any = None,
              metrics: dict[str, float] | None = None) -> None:
         """Start saving `step` (returns once the arrays are copied off the devices' live buffers)."""
-        items = {"state": ocp.args.StandardSave(state._asdict()), "frozen": ocp.args.StandardSave(frozen)}
+        items = {"state": ocp.args.PyTreeSave(state._asdict()), "frozen": ocp.args.PyTreeSave(frozen)}
         if iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(iterator)
         if metrics is not None and self.metric not in metrics:
@@ -75,7 +81,7 @@ class Checkpointer:
         """(state, frozen) of `step` placed in `layout`'s shardings; `iterator` is set to its position."""
         state_target = abstract_with_shardings(layout.abstract_state, layout.state_shardings)._asdict()
         frozen_target = abstract_with_shardings(layout.abstract_frozen, layout.frozen_shardings)
-        items = {"state": ocp.args.StandardRestore(state_target), "frozen": ocp.args.StandardRestore(frozen_target)}
+        items = {"state": _restore_args(state_target), "frozen": _restore_args(frozen_target)}
         if iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))

@@ -34,9 +34,12 @@ class TrainState(NamedTuple):
 
 
 def train_filter(cfg: Config):
-    """The parameters this run trains: PixelLM's official set, or all but the (frozen) CLIP tower."""
+    """The parameters this run trains: PixelLM's official set, or all (the CLIP tower only when
+    `model.vision.trainable`)."""
     if cfg.train.trainable == "official":
         return trainable_filter(cfg.model)
+    if cfg.model.vision.trainable:
+        return nnx.Param
     return lambda path, value: isinstance(value, nnx.Param) and (not path or str(path[0]) != "vision_tower")
 
 
@@ -67,6 +70,10 @@ class StateLayout(NamedTuple):
     frozen_shardings: nnx.State
 
 
+def _float32(x):
+    return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
 def _fresh(model_cfg: ModelConfig, seed: int, cfg: Config, tx: optax.GradientTransformation):
     model = build_pixellm(model_cfg, seed)
     _, params, rngs, frozen = split_model(model, cfg)
@@ -78,14 +85,13 @@ def _fresh(model_cfg: ModelConfig, seed: int, cfg: Config, tx: optax.GradientTra
 
 def state_layout(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -> StateLayout:
     """Shapes, dtypes and shardings of the train state and the frozen part, without allocating them."""
-    abstract_model = nnx.eval_shape(lambda: build_pixellm(cfg.model, cfg.seed))
-    graphdef = split_model(abstract_model, cfg)[0]
-    state, frozen = jax.eval_shape(lambda: _fresh(cfg.model, cfg.seed, cfg, tx))
+    graphdef, params, rngs, frozen = split_model(nnx.eval_shape(lambda: build_pixellm(cfg.model, cfg.seed)), cfg)
+    params = jax.eval_shape(lambda p: jax.tree.map(_float32, p), params)
+    zero = jax.ShapeDtypeStruct((), jnp.int32)
+    state = TrainState(zero, params, jax.eval_shape(tx.init, params), rngs, zero, zero)
     return StateLayout(graphdef, state, frozen, variable_shardings(state, mesh), variable_shardings(frozen, mesh))
 
 
-def _float32(x):
-    return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, layout: StateLayout | None = None):

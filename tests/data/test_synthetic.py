@@ -18,6 +18,7 @@ from pixellm_jax.data.synthetic import (
     COLOURS,
     REFER_ANSWERS,
     SyntheticShapes,
+    answer_name,
 )
 
 SEG = re.escape(SEG_PLACEHOLDER)
@@ -118,12 +119,12 @@ def _check_sample(src, sample: Sample, counts):
             counts["with_size"] += len(name.split()) == 3
         if kind == "refer":
             targets = _find(scene, names[0])
-            assert answer in [a.format(name=names[0], seg=SEG_PLACEHOLDER) for a in REFER_ANSWERS]
+            assert answer in [a.format(name=answer_name(names[0]), seg=SEG_PLACEHOLDER) for a in REFER_ANSWERS]
         elif kind == "multi":
             targets = [_find(scene, n)[0] for n in names]
             assert len(set(targets)) == len(targets) and 2 <= len(targets) <= 3
-            per_target = " and ".join([", ".join(f"{n} {SEG_PLACEHOLDER}" for n in names[:-1]),
-                                       f"{names[-1]} {SEG_PLACEHOLDER}"]) + "."
+            named = [f"{answer_name(n)} {SEG_PLACEHOLDER}" for n in names]
+            per_target = " and ".join([", ".join(named[:-1]), named[-1]]) + "."
             assert answer == per_target, answer
         else:
             (anchor,) = _find(scene, names[0])

@@ -26,9 +26,16 @@ def test_recipes_cover_the_devices():
         scale_plan.recipe_mesh("pipeline", 8)
 
 
+def test_workers_get_the_arguments_without_the_device_list():
+    argv = ["--models", "pixellm_7b", "--devices", "8", "64", "--scan", "--remat", "full"]
+    assert scale_plan._without(argv, "--devices") == ["--models", "pixellm_7b", "--scan", "--remat", "full"]
+    assert scale_plan._without(argv, "--scan") == argv[:5] + ["--remat", "full"]
+
+
 def test_tiny_step_compiles_sharded_with_sane_memory_and_flops():
     cfg = load_config("tiny", SMALL)
-    row = scale_plan.plan_step(cfg, MeshConfig(1, 8, 1), images_per_group=2, convs_per_group=2, text_len=48)
+    row = scale_plan.plan_step(cfg, MeshConfig(1, 8, 1), images_per_group=2, convs_per_group=2, text_len=48,
+                               compiler_options=scale_plan.FAST_CODEGEN)
     assert row["devices"] == 8 and row["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert row["images"] == 16 and row["conversations"] == 16  # two images and two conversations per device
     assert row["remat"] == "full"
@@ -51,6 +58,9 @@ def test_tiny_step_compiles_sharded_with_sane_memory_and_flops():
     assert math.isfinite(row["flops_ratio"])
     assert 1.0 <= row["flops_ratio"] <= 10.0, row["flops_ratio"]
     assert row["flops_per_image"] == pytest.approx(row["flops_per_device"] * 8 / 16)
+
+    line = scale_plan._table([dict(row, recipe="fsdp")])[2]
+    assert line.startswith("| tiny | 8 | fsdp (1×8×1) | full | 16 / 16 |") and "nan" not in line
 
 
 def test_extrapolation_is_affine_in_layers():

@@ -5,15 +5,16 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from pixellm_jax.config import MeshConfig, load_config
-from pixellm_jax.models.trainable import build_pixellm
 from pixellm_jax.train.checkpoint import Checkpointer
 from pixellm_jax.train.mesh import make_mesh
 from pixellm_jax.train.optimizer import make_optimizer
-from pixellm_jax.train.state import TrainState, split_model, state_layout
+from pixellm_jax.train.state import TrainState, init_state, state_layout
 
 
 def _host_state(cfg, tx):
-    _, params, rngs, frozen = split_model(build_pixellm(cfg.model, cfg.seed), cfg)
+    one = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    state, frozen = jax.device_get(init_state(cfg, one, tx)[1:])  # jitted: far faster than eager on CPU
+    params, rngs = state.params, state.rngs
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype), params)  # not the init values
     opt_state = jax.tree.map(lambda x: x + 1 if np.issubdtype(x.dtype, np.floating) else x, tx.init(params))

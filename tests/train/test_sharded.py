@@ -7,10 +7,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pixellm_jax.config import MeshConfig, load_config
 from pixellm_jax.describe import random_batch
-from pixellm_jax.models.trainable import build_pixellm
 from pixellm_jax.train.mesh import batch_shardings, global_batch, make_mesh
 from pixellm_jax.train.optimizer import make_optimizer
-from pixellm_jax.train.state import TrainState, split_model, state_layout
+from pixellm_jax.train.state import init_state, state_layout
 from pixellm_jax.train.step import loss_and_grads
 
 MESHES = {"fsdp8": MeshConfig(data=1, fsdp=8, tensor=1), "data2_fsdp2_tensor2": MeshConfig(data=2, fsdp=2, tensor=2)}
@@ -22,12 +21,10 @@ def setup():
     """The tiny config (official trainable set, fp32), its state on the host, a batch, the reference."""
     cfg = load_config("tiny", ["model.lora.dropout=0.0"])
     tx = make_optimizer(cfg.optim)
-    _, params, rngs, frozen = split_model(build_pixellm(cfg.model, cfg.seed), cfg)
-    zero = np.zeros((), np.int32)
-    state = TrainState(zero, params, tx.init(params), rngs, zero, zero)
+    one = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    state, frozen = jax.device_get(init_state(cfg, one, tx)[1:])  # on the host, placed per mesh below
     batch = random_batch(cfg, conversations=ROWS, length=24)
     batch["masks"][:, 0] = np.random.default_rng(1).random(batch["masks"].shape[:1] + batch["masks"].shape[2:]) < 0.4
-    one = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     reference = _loss_and_grads(cfg, tx, one, state, frozen, batch)
     return cfg, tx, state, frozen, batch, reference
 
