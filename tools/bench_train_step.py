@@ -24,6 +24,7 @@ ratio and the MFU mean anything; absolute times depend on the machine and its lo
   python tools/bench_train_step.py                     # 173M params (12x768 LLaMA), 224 px, 2 images x 1 conv x 256 tokens
   python tools/bench_train_step.py --image-size 448 --text-len 448 --images 2 --convs-per-image 2
   python tools/bench_train_step.py --no-torch          # our side only (e.g. on an accelerator)
+  python tools/bench_train_step.py --profile /tmp/prof # also: where one step of ours spends its time
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def make_batch(cfg: Config, images: int, convs_per_image: int, text_len: int, se
 class JaxStep:
     """The compiled train step of `model` on one device, with its state, frozen part and batch."""
 
-    def __init__(self, cfg: Config, model, batch: dict):
+    def __init__(self, cfg: Config, model, batch: dict, compiler_options: dict | None = None):
         mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
         tx = make_optimizer(cfg.optim)
         layout = state_layout(cfg, mesh, tx)
@@ -143,7 +144,7 @@ class JaxStep:
         self.batch = global_batch(batch, batch_shardings(mesh, images, convs))
         step = make_train_step(layout, cfg, tx, mesh, batch_shardings(mesh, images, convs))
         start = time.perf_counter()
-        self.compiled = step.lower(self.state, self.frozen, self.batch).compile()
+        self.compiled = step.lower(self.state, self.frozen, self.batch).compile(compiler_options)
         self.compile_s = time.perf_counter() - start
         cost = self.compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -471,17 +472,46 @@ class MatmulPeak:
             self.torch_rates.append(self._rate(self._torch))
 
 
+def op_times(fn, logdir: str) -> list[tuple[str, float, int]]:
+    """Run `fn` under `jax.profiler` and sum the traced XLA op times by op kind, largest first.
+
+    Returns (op kind, seconds, count) with the kind the HLO name without its numeric suffix
+    (`convolution-base-dilated.2` -> `convolution-base-dilated`). The seconds add up over the
+    executor's threads, so they can exceed the wall time; compare them with each other.
+    """
+    import glob
+    import gzip
+    import re
+    from collections import Counter
+
+    with jax.profiler.trace(logdir):
+        fn()
+    (path,) = sorted(glob.glob(f"{logdir}/**/*.trace.json.gz", recursive=True))[-1:]
+    seconds, counts = Counter(), Counter()
+    for event in json.load(gzip.open(path))["traceEvents"]:
+        name = event.get("name", "")
+        if event.get("ph") != "X" or name.startswith(("$", "ThunkExecutor", "SlinkyThreadPool")):
+            continue  # Python frames and the executor's own spans wrap the ops
+        kind = re.sub(r"\.\d+$", "", name)
+        seconds[kind] += event["dur"] / 1e6
+        counts[kind] += 1
+    return [(k, v, counts[k]) for k, v in seconds.most_common()]
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def run_jax_side(cfg: Config, batch: dict, steps: int = 2, model=None) -> dict:
-    """Compile and run our step alone (no torch): compile time, FLOPs, per-step times, losses."""
+def run_jax_side(cfg: Config, batch: dict, steps: int = 2, model=None, compiler_options: dict | None = None) -> dict:
+    """Compile and run our step alone (no torch): compile time, FLOPs, per-step times, losses.
+
+    `compiler_options` go to XLA (tests pass LLVM -O0 to compile faster; the numerics are the same).
+    """
     model = model if model is not None else build_pixellm(cfg.model, cfg.seed)
     total, trainable = count_params(model)
-    runner = JaxStep(cfg, model, batch)
+    runner = JaxStep(cfg, model, batch, compiler_options)
     losses, times = [], []
     for _ in range(steps):
         start = time.perf_counter()
@@ -510,6 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the matmul timed for the peak")
     parser.add_argument("--no-torch", action="store_true", help="time our step only")
+    parser.add_argument("--profile", metavar="DIR", help="trace one more step of ours into DIR; print time by op kind")
     args = parser.parse_args(argv)
 
     cfg = bench_config(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, vocab=args.vocab,
@@ -546,6 +577,7 @@ def main(argv: list[str] | None = None) -> None:
             torch_times.append(time.perf_counter() - start)
         if i:
             peaks.sample()
+    profile = op_times(runner, args.profile) if args.profile else None
     peak = statistics.median(peaks.jax_rates)
     torch_peak = statistics.median(peaks.torch_rates) if peaks.torch_rates else None
 
@@ -578,6 +610,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"MFU (ours): {mfu:.1%} of the measured jnp.dot peak (target >= 60%)"
           + ("" if torch_peak is None else f"; {runner.flops / jax_s / max(peak, torch_peak):.1%} of the faster of "
              "jnp.dot and torch.mm"))
+    if profile:
+        total = sum(t for _, t, _ in profile)
+        print("time by XLA op kind, one step of ours (seconds summed over the executor's threads):")
+        for kind, t, n in profile[:8]:
+            print(f"  {kind:<32}{t:>9.2f}s {t / total:>6.1%} {n:>6} ops")
     print(json.dumps({
         "bench": "train_step",
         "device": jax.devices()[0].device_kind,
@@ -597,6 +634,7 @@ def main(argv: list[str] | None = None) -> None:
         "mfu": mfu,
         "mfu_vs_best_matmul": runner.flops / jax_s / max(peak, torch_peak or 0.0),
         "targets": {"ratio": 1.5, "mfu": 0.6},
+        "profile": profile[:12] if profile else None,
     }))
 
 

@@ -20,13 +20,17 @@ and every device holds the activations of one official micro-batch (or a 1/tenso
 
 The figures come from XLA:CPU, compiled with its memory-minimising scheduler (see
 `MEMORY_SCHEDULER`); XLA:CPU also runs some bf16 work in float32, so temporaries are an upper
-bound of what a GPU/TPU compile needs. A 7B cell takes ~7 minutes to compile on a loaded 2-core
-machine; `--extrapolate 2 4` compiles 2- and 4-layer copies instead and extrapolates linearly to
-the real depth (memory and FLOPs are affine in the layer count), several times faster.
+bound of what a GPU/TPU compile needs. Full-depth compiles grow with the layer count;
+`--extrapolate 2 4` compiles 2- and 4-layer copies instead and extrapolates linearly to the real
+depth (memory and FLOPs are affine in the layer count when XLA treats every layer alike; the raw
+values are kept in the row as `measured`). On a loaded 2-core machine a 7B or 13B cell so takes
+4-5 minutes. Code is generated at LLVM -O0 (`FAST_CODEGEN`; memory and cost analysis are made
+before code generation) and LoRA dropout is off (`NO_LORA_DROPOUT`; it changes no shape).
 
   python tools/scale_plan.py --models pixellm_7b --devices 8 --recipes fsdp --remat full   # one cell
   python tools/scale_plan.py --devices 8 64 256 --out scale.jsonl --markdown scale.md    # the grid
   python tools/scale_plan.py --devices 8 64 256 --extrapolate 2 4                        # the grid, fast
+  python tools/scale_plan.py --table scale.jsonl                                         # table of saved rows
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ REMATS = ("none", "full", "dots")
 # `value_and_grad`: flax TraceContextError). Dropout changes no shape and, under remat, no saved
 # activation, so the plan compiles without it; `--override model.lora.dropout=0.05` puts it back.
 NO_LORA_DROPOUT = ("model.lora.dropout=0.0",)
+# Only the plan's numbers are wanted, never the machine code: LLVM at -O0 without its expensive
+# passes. Buffer assignment (memory analysis) and cost analysis are made on the optimised HLO,
+# before code generation, so they do not change; the generated code size does.
+FAST_CODEGEN = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def recipe_mesh(recipe: str, devices: int, tensor: int = 4, group: int = 8):
@@ -137,12 +145,13 @@ def abstract_batch(cfg, mesh, images: int, conversations: int, text_len: int) ->
 
 
 def plan_step(cfg, mesh_cfg, *, images_per_group: int = 2, convs_per_group: int | None = None,
-              text_len: int | None = None, devices=None) -> dict:
+              text_len: int | None = None, devices=None, compiler_options: dict | None = None) -> dict:
     """Compile the train step of `cfg` on the mesh `mesh_cfg` for abstract inputs; memory and FLOPs.
 
     The global batch has `images_per_group` images and `convs_per_group` conversations (default
     `data.conversations_per_batch`) of `text_len` tokens (default `data.model_max_length`) per
-    data × fsdp group. Returns a flat dict (bytes per device, FLOPs, timings).
+    data × fsdp group. `compiler_options` go to XLA (e.g. `FAST_CODEGEN`). Returns a flat dict
+    (bytes per device, FLOPs, timings).
     """
     from pixellm_jax.train.mesh import batch_parallelism, make_mesh
     from pixellm_jax.train.optimizer import make_optimizer
@@ -164,7 +173,7 @@ def plan_step(cfg, mesh_cfg, *, images_per_group: int = 2, convs_per_group: int 
     step = make_train_step(layout, cfg, tx, mesh, {k: v.sharding for k, v in batch.items()})
     lowered = step.lower(state, frozen, batch)
     lower_s = time.perf_counter() - start
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options)
     compile_s = time.perf_counter() - start - lower_s
 
     mem = compiled.memory_analysis()
@@ -209,7 +218,8 @@ def extrapolate(shallow: dict, deep: dict, layers: int) -> dict:
     times are those of the two compiles.
     """
     a, b = shallow["num_layers"], deep["num_layers"]
-    out = dict(deep, num_layers=layers, extrapolated_from=[a, b],
+    measured = {k: [shallow[k], deep[k]] for k in ("argument_bytes", "temp_bytes", "flops_per_device")}
+    out = dict(deep, num_layers=layers, extrapolated_from=[a, b], measured=measured,
                lower_s=shallow["lower_s"] + deep["lower_s"], compile_s=shallow["compile_s"] + deep["compile_s"])
     for key in _AFFINE:
         out[key] = deep[key] + (deep[key] - shallow[key]) * (layers - b) / (b - a)
@@ -225,7 +235,8 @@ def plan_cell(model: str, recipe: str, remat: str, devices: int, args: argparse.
     mesh_cfg = recipe_mesh(recipe, devices, args.tensor)
     overrides = [*NO_LORA_DROPOUT, f"model.text.remat={remat}", f"model.text.scan_layers={str(args.scan).lower()}",
                  *args.override]
-    kw = dict(images_per_group=args.images, convs_per_group=args.convs, text_len=args.text_len)
+    kw = dict(images_per_group=args.images, convs_per_group=args.convs, text_len=args.text_len,
+              compiler_options=None if args.full_codegen else FAST_CODEGEN)
     cfg = load_config(model, overrides)
     if not args.extrapolate:
         row = plan_step(cfg, mesh_cfg, **kw)
@@ -257,18 +268,19 @@ GB = 1e9
 
 
 def _table(rows: list[dict]) -> list[str]:
-    head = ("| config | devices | recipe (data×fsdp×tensor) | remat | trainable | optimizer | frozen | "
+    head = ("| config | devices | recipe (data×fsdp×tensor) | remat | images / convs | trainable | optimizer | frozen | "
             "temp | peak/device | GFLOP/image (XLA) | XLA / 6ND | compile s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['config']} | {r['devices']} | {r['recipe']} | {r['remat']} | "
-                         f"failed: {r['error'][:80]} |" + " |" * 7)
+                         f"failed: {r['error'][:80]} |" + " |" * 8)
             continue
         m = r["mesh"]
         lines.append(
             f"| {r['config']} | {r['devices']} | {r['recipe']} ({m['data']}×{m['fsdp']}×{m['tensor']}) | "
-            f"{r['remat']} | {r['trainable_bytes'] / GB:.2f} GB | {r['optimizer_bytes'] / GB:.2f} GB | "
+            f"{r['remat']} | {r['images']} / {r['conversations']} | "
+            f"{r['trainable_bytes'] / GB:.2f} GB | {r['optimizer_bytes'] / GB:.2f} GB | "
             f"{r['frozen_bytes'] / GB:.2f} GB | {r['temp_bytes'] / GB:.2f} GB | {r['peak_bytes'] / GB:.2f} GB | "
             f"{r['flops_per_image'] / 1e9:,.0f} | {r['flops_ratio']:.2f} | {r['compile_s']:.0f}"
             + (" (extrap. {}→{} layers)".format("+".join(map(str, r["extrapolated_from"])), r["num_layers"])
@@ -284,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remat", nargs="+", default=list(REMATS), choices=REMATS)
     parser.add_argument("--extrapolate", type=int, nargs=2, metavar=("L1", "L2"),
                         help="compile L1- and L2-layer copies of each model and extrapolate to its depth (fast)")
+    parser.add_argument("--full-codegen", action="store_true",
+                        help="optimise the machine code too (slower compiles; only code_bytes changes)")
     parser.add_argument("--scan", action="store_true", help="model.text.scan_layers=true (faster compiles)")
     parser.add_argument("--tensor", type=int, default=4, help="tensor-parallel size of the fsdp_tensor recipe")
     parser.add_argument("--images", type=int, default=2, help="images per data-parallel group (official: 2)")
@@ -297,8 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", help="write the table to this file")
     parser.add_argument("--here", action="store_true",
                         help="compile for this host's real devices (e.g. 8 GPUs) instead of simulated CPU ones")
+    parser.add_argument("--table", metavar="JSONL", help="only print the table of rows saved by --out (no compile)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.table:
+        print("\n".join(_table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line])))
+        return
 
     if args.worker:
         _worker(args, args.worker)

@@ -44,6 +44,26 @@ class LayerNorm2d(nnx.LayerNorm):
         )
 
 
+class BlockConvTranspose(nnx.ConvTranspose):
+    """A transposed convolution whose stride equals its kernel size, computed as one einsum.
+
+    With no overlap each input pixel writes its own kh x kw output block, so the layer is a matmul
+    followed by a reshape. Same parameters (and checkpoint paths) as `nnx.ConvTranspose`; XLA:CPU
+    runs the convolution's weight gradient on a slow generic path (a third of a train step), the
+    einsum as plain matmuls.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...][::-1, ::-1]  # flax's transposed-conv kernel is the spatially flipped one
+        kh, kw, _, out = kernel.shape
+        if tuple(self.strides) != (kh, kw):
+            raise ValueError(f"BlockConvTranspose needs strides equal to the kernel size, got {self.strides}")
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        n, h, w, _ = x.shape
+        y = jnp.einsum("nhwc,abco->nhawbo", x.astype(dtype), kernel.astype(dtype)).reshape(n, h * kh, w * kw, out)
+        return y + self.bias[...].astype(dtype) if self.bias is not None else y
+
+
 class UpscaleBlock(nnx.Sequential):
     """ConvTranspose2d(k=2, s=2) -> LayerNorm2d -> GELU: SAM's `output_upscaling` stage, 2x per side.
 
@@ -54,7 +74,7 @@ class UpscaleBlock(nnx.Sequential):
     def __init__(
         self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32
     ):
-        conv = nnx.ConvTranspose(
+        conv = BlockConvTranspose(
             in_channels,
             out_channels,
             (2, 2),

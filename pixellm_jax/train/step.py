@@ -31,7 +31,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State,
     """((loss, metrics, new rng streams), grads of the trainable parameters) for one micro-batch."""
 
     def loss_fn(params):
-        model = nnx.merge(graphdef, params, state.rngs, frozen)
+        model = nnx.merge(graphdef, params, state.rngs, frozen, copy=True)  # fresh Variables inside the trace
         loss, metrics, _ = pixellm_objective(model, batch, cfg.loss, deterministic=False)
         return loss, (metrics, nnx.state(model, nnx.RngState))
 

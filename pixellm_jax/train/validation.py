@@ -33,7 +33,7 @@ def make_eval_step(layout: StateLayout, cfg: Config, mesh: Mesh, batch_shardings
     """`eval_step(params, rngs, frozen, batch) -> (sums, predicted masks [Q, M, C, C] bool)`."""
 
     def step(params, rngs, frozen, batch):
-        model = nnx.merge(layout.graphdef, params, rngs, frozen)
+        model = nnx.merge(layout.graphdef, params, rngs, frozen, copy=True)
         loss, metrics, out = pixellm_objective(model, batch, cfg.loss, deterministic=True)
         q, m = out.mask_logits.shape[:2]
         targets = batch["masks"]

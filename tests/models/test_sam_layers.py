@@ -1,5 +1,6 @@
 """SAM building blocks against the segment-anything package, fp32, copied weights."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,3 +97,14 @@ def test_transposed_conv_kernel_needs_the_flip():
     assert _max_diff(ref.run(ours, jnp.asarray(ref.nhwc(x))), expected) > 1e-2
     ours.kernel.set_value(jnp.asarray(weight[::-1, ::-1].copy()))
     assert _max_diff(ref.run(ours, jnp.asarray(ref.nhwc(x))), expected) <= TOL
+
+
+def test_block_conv_transpose_equals_the_convolution():
+    ours = sam_layers.BlockConvTranspose(6, 5, (2, 2), (2, 2), padding="VALID", rngs=nnx.Rngs(0))
+    conv = nnx.ConvTranspose(6, 5, (2, 2), (2, 2), padding="VALID", rngs=nnx.Rngs(0))
+    conv.bias[...] = jax.random.normal(jax.random.key(2), (5,))
+    ours.bias[...] = conv.bias[...]
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4, 6))
+    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(conv(x)), atol=1e-6)
+    with pytest.raises(ValueError, match="strides equal to the kernel size"):
+        sam_layers.BlockConvTranspose(6, 5, (2, 2), (1, 1), padding="VALID", rngs=nnx.Rngs(0))(x)

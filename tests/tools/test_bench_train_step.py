@@ -43,3 +43,19 @@ def test_jax_step_matches_the_pytorch_reference(setup):
     # Same loss before and after one AdamW update: same weights, same function, same optimizer.
     np.testing.assert_allclose(out["losses"], torch_losses, rtol=2e-5)
     assert out["losses"][1] < out["losses"][0]
+
+
+def test_op_times_sums_the_traced_ops_by_kind(tmp_path):
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((512, 512))
+    f = jax.jit(lambda a: jnp.tanh(a @ a) @ a)
+    f(x).block_until_ready()
+    times = bench.op_times(lambda: f(x).block_until_ready(), str(tmp_path))
+    kinds = [k for k, _, _ in times]
+    assert all(t > 0 for _, t, _ in times) and len(set(kinds)) == len(kinds)
+    assert not any(re.search(r"\.\d+$", k) for k in kinds)  # numeric suffixes folded into the kind
+    assert sum(n for _, _, n in times) >= 2  # at least the two products ran as traced ops

@@ -1,0 +1,33 @@
+"""Which parameters a run trains, and their dtype."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pixellm_jax.config import ConfigError, MeshConfig, load_config
+from pixellm_jax.train.mesh import make_mesh
+from pixellm_jax.train.optimizer import make_optimizer
+from pixellm_jax.train.state import state_layout
+from tests.train.conftest import SMALL
+
+
+def _trained(overrides):
+    cfg = load_config("demo", [*SMALL, *overrides])
+    layout = state_layout(cfg, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]), make_optimizer(cfg.optim))
+    return layout.abstract_state.params, layout.abstract_frozen
+
+
+def test_all_trains_everything_but_clip_unless_the_tower_is_trainable():
+    params, frozen = _trained(["model.frozen_param_dtype=bfloat16"])
+    assert "vision_tower" not in params and "vision_tower" in frozen
+    assert {"llm", "mask_decoder", "text_hidden_fcs", "image_feature_neck"} <= set(params)
+    # trained weights are float32 even where the storage dtype of frozen weights is bf16
+    assert params["llm"]["layers"]["self_attn"]["q_proj"]["kernel"].get_value().dtype == jnp.float32
+    assert frozen["vision_tower"]["embeddings"]["patch_embedding"]["kernel"].get_value().dtype == jnp.bfloat16
+    params, frozen = _trained(["model.vision.trainable=true"])
+    assert "vision_tower" in params and "vision_tower" not in frozen
+
+
+def test_a_trainable_tower_needs_the_all_set():
+    with pytest.raises(ConfigError, match="model.vision.trainable"):
+        load_config("demo", ["model.vision.trainable=true", "train.trainable=official"])
