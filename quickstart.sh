@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment from this project's own files, then run one job:
 #   bash quickstart.sh demo   the main job on the built-in demo data
-#   bash quickstart.sh test   the test suite
+#   bash quickstart.sh test   the test suite (without the `heavy` subprocess training runs)
 # VENV (default .venv) picks the environment; PIP_CONSTRAINT pins versions (CI uses .ci/constraints.txt).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,7 +17,7 @@ case "$job" in
     ;;
   test)
     "$py" -m pip install -q -e '.[dev]'
-    exec "$py" -m pytest -q -n "${PYTEST_WORKERS:-2}" tests
+    exec "$py" -m pytest -q -n "${PYTEST_WORKERS:-2}" -m "not heavy" tests
     ;;
   *)
     echo "usage: bash quickstart.sh demo|test" >&2

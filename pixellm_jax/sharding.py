@@ -7,6 +7,7 @@ touch the modules.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import jax
@@ -17,9 +18,14 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    # activations
+    # activations (named apart from the weights: a weight's `embed` axis is FSDP-sharded, an
+    # activation's hidden axis is not)
     "batch": ("data", "fsdp"),
     "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "head_dim": None,
     # LLaMA
     "vocab": "tensor",
     "embed": "fsdp",
@@ -58,6 +64,26 @@ def logical_spec(axes: Sequence[str | None], rules: Mapping[str, object] = LOGIC
         used.update(free)
         out.append(None if not free else free[0] if len(free) == 1 else free)
     return PartitionSpec(*out)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Mapping[str, object] = LOGICAL_RULES) -> jax.Array:
+    """`x` constrained to the sharding its logical `axes` name, on the mesh in context.
+
+    A no-op without a mesh in context (`jax.set_mesh`), so un-meshed eager and parity use is
+    untouched. Mesh axes the context mesh lacks, or whose size does not divide the dimension, are
+    dropped for that dimension (as in `state_shardings`).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_spec(axes, rules)
+    fitted = []
+    for dim, entry in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        names = tuple(n for n in names if n in mesh.shape)
+        size = math.prod(mesh.shape[n] for n in names)
+        fitted.append(None if not names or dim % size else names[0] if len(names) == 1 else names)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fitted)))
 
 
 def logical_axes(state: nnx.State) -> nnx.State:

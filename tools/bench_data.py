@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = max(rows, key=lambda r: r["images_per_s"])
     ratio = best["images_per_s"] / step["images_per_s"]
 
-    print(f"input pipeline vs train step, config {args.config} ({cfg.data.image_size} px, "
+    print(f"input pipeline vs train step, config {args.config} ({rows[0]['image_size']} px, "
           f"{step['images_per_step']} images per step), {os.cpu_count()} CPUs "
           f"({platform.processor() or platform.machine()}), {step['devices']} device(s)")
     print(f"train step: {step['step_seconds']:.3f} s median ({step['compile_seconds']:.1f} s compile) "

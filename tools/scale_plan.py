@@ -25,7 +25,8 @@ bound of what a GPU/TPU compile needs. Full-depth compiles grow with the layer c
 depth (memory and FLOPs are affine in the layer count when XLA treats every layer alike; the raw
 values are kept in the row as `measured`). On a loaded 2-core machine a 7B or 13B cell so takes
 4-5 minutes. Code is generated at LLVM -O0 (`FAST_CODEGEN`; memory and cost analysis are made
-before code generation) and LoRA dropout is off (`NO_LORA_DROPOUT`; it changes no shape).
+before code generation). The configs' LoRA dropout is kept. The step is traced under
+`jax.set_mesh(mesh)`, so the model's activation sharding constraints (`sharding.constrain`) apply.
 
   python tools/scale_plan.py --models pixellm_7b --devices 8 --recipes fsdp --remat full   # one cell
   python tools/scale_plan.py --devices 8 64 256 --out scale.jsonl --markdown scale.md    # the grid
@@ -55,11 +56,6 @@ RECIPES = ("fsdp", "data_fsdp", "fsdp_tensor")
 # with a memory limit, so the memory-minimising CPU scheduler is the closer stand-in.
 MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 REMATS = ("none", "full", "dots")
-# The train step does not trace with LoRA dropout > 0 (`train/step.py` merges the dropout RNG
-# streams without copying them, and the LLM's layer loop then mutates them from inside
-# `value_and_grad`: flax TraceContextError). Dropout changes no shape and, under remat, no saved
-# activation, so the plan compiles without it; `--override model.lora.dropout=0.05` puts it back.
-NO_LORA_DROPOUT = ("model.lora.dropout=0.0",)
 # Only the plan's numbers are wanted, never the machine code: LLVM at -O0 without its expensive
 # passes. Buffer assignment (memory analysis) and cost analysis are made on the optimised HLO,
 # before code generation, so they do not change; the generated code size does.
@@ -153,6 +149,8 @@ def plan_step(cfg, mesh_cfg, *, images_per_group: int = 2, convs_per_group: int 
     data × fsdp group. `compiler_options` go to XLA (e.g. `FAST_CODEGEN`). Returns a flat dict
     (bytes per device, FLOPs, timings).
     """
+    import jax
+
     from pixellm_jax.train.mesh import batch_parallelism, make_mesh
     from pixellm_jax.train.optimizer import make_optimizer
     from pixellm_jax.train.state import abstract_with_shardings, state_layout
@@ -171,7 +169,8 @@ def plan_step(cfg, mesh_cfg, *, images_per_group: int = 2, convs_per_group: int 
     frozen = abstract_with_shardings(layout.abstract_frozen, layout.frozen_shardings)
     batch = abstract_batch(cfg, mesh, images, conversations, text_len)
     step = make_train_step(layout, cfg, tx, mesh, {k: v.sharding for k, v in batch.items()})
-    lowered = step.lower(state, frozen, batch)
+    with jax.set_mesh(mesh):  # activation constraints (`sharding.constrain`) need the mesh in context
+        lowered = step.lower(state, frozen, batch)
     lower_s = time.perf_counter() - start
     compiled = lowered.compile(compiler_options)
     compile_s = time.perf_counter() - start - lower_s
@@ -197,7 +196,7 @@ def plan_step(cfg, mesh_cfg, *, images_per_group: int = 2, convs_per_group: int 
         flops_per_device=flops_device,
         flops_per_image=flops_device * n_dev / images,
         estimate_per_image=estimate / images,
-        lower_s=lower_s, compile_s=compile_s,
+        lower_s=lower_s, compile_s=compile_s, activation_constraints=True,
     )
     out["peak_bytes"] = out["argument_bytes"] + out["temp_bytes"] + max(out["output_bytes"] - out["alias_bytes"], 0)
     out["flops_ratio"] = out["flops_per_image"] / out["estimate_per_image"]
@@ -233,7 +232,7 @@ def plan_cell(model: str, recipe: str, remat: str, devices: int, args: argparse.
     from pixellm_jax.config import load_config
 
     mesh_cfg = recipe_mesh(recipe, devices, args.tensor)
-    overrides = [*NO_LORA_DROPOUT, f"model.text.remat={remat}", f"model.text.scan_layers={str(args.scan).lower()}",
+    overrides = [f"model.text.remat={remat}", f"model.text.scan_layers={str(args.scan).lower()}",
                  *args.override]
     kw = dict(images_per_group=args.images, convs_per_group=args.convs, text_len=args.text_len,
               compiler_options=None if args.full_codegen else FAST_CODEGEN)
@@ -277,8 +276,9 @@ def _table(rows: list[dict]) -> list[str]:
                          f"failed: {r['error'][:80]} |" + " |" * 8)
             continue
         m = r["mesh"]
+        old = "" if r.get("activation_constraints") else ", no activation constraints"  # rows of older runs
         lines.append(
-            f"| {r['config']} | {r['devices']} | {r['recipe']} ({m['data']}×{m['fsdp']}×{m['tensor']}) | "
+            f"| {r['config']} | {r['devices']} | {r['recipe']} ({m['data']}×{m['fsdp']}×{m['tensor']}){old} | "
             f"{r['remat']} | {r['images']} / {r['conversations']} | "
             f"{r['trainable_bytes'] / GB:.2f} GB | {r['optimizer_bytes'] / GB:.2f} GB | "
             f"{r['frozen_bytes'] / GB:.2f} GB | {r['temp_bytes'] / GB:.2f} GB | {r['peak_bytes'] / GB:.2f} GB | "

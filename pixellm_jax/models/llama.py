@@ -40,6 +40,13 @@ from pixellm_jax.config import LoraConfig, TextConfig
 from pixellm_jax.models.attention import Impl, dot_product_attention
 from pixellm_jax.models.layers import axes_meta, embed, linear
 from pixellm_jax.models.lora import LoRALinear
+from pixellm_jax.sharding import constrain
+
+# Activation layouts (logical names, mapped onto the mesh by `sharding.LOGICAL_RULES`); applied only
+# under a mesh in context. Hidden states: batch over data×fsdp; q/k/v: heads over tensor as well.
+HIDDEN_AXES = ("batch", "length", "act_embed")
+_Q_AXES = ("batch", "length", "act_heads", "head_dim")
+_KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
 
 _INIT = nnx.initializers.normal(0.02)  # HF LlamaPreTrainedModel: N(0, initializer_range)
 
@@ -154,6 +161,7 @@ class LlamaAttention(nnx.Module):
         k = _apply(self.k_proj, x, deterministic).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = _apply(self.v_proj, x, deterministic).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = constrain(q, _Q_AXES), constrain(k, _KV_AXES), constrain(v, _KV_AXES)
         if kv is not None:
             k_cache, v_cache = kv
             start = (0, index, 0, 0)
@@ -312,8 +320,10 @@ class LlamaModel(nnx.Module):
         """All decoder layers, by `nnx.scan` or a Python loop over the stacked parameters."""
 
         def step(layer: LlamaDecoderLayer, x, kv, cos, sin, mask, index):
-            """One layer as a function of (layer, carry, its cache slices) for scan, remat and the loop."""
-            return layer(x, cos, sin, mask, kv, index, deterministic, causal)
+            """One layer as a function of (layer, carry, its cache slices) for scan, remat and the loop;
+            the hidden states are constrained to `HIDDEN_AXES` on entry and exit."""
+            x, kv = layer(constrain(x, HIDDEN_AXES), cos, sin, mask, kv, index, deterministic, causal)
+            return constrain(x, HIDDEN_AXES), kv
 
         if self.cfg.remat != "none":
             step = nnx.remat(step, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)

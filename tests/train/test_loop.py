@@ -37,11 +37,11 @@ def test_demo_shortened_runs_end_to_end(tmp_path, compile_cache, capsys):
     assert summary["steps"] == 4 and not summary["preempted"] and summary["best_checkpoint"] in (2, 4)
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     # The resolved config records the tokenizer's codebook ids, so the run can be rebuilt from it.
-    assert load_config(out / "config.yaml").model.head.seg_token_ids == list(range(640, 646))
+    assert load_config(out / "config.yaml").model.head.seg_token_ids == list(range(640, 642))
 
     # The trained model, in the conversion layout: evaluation opens it, and a new run starts from it.
     loaded = load_for_inference(out / "model")
-    assert loaded.legacy.seg_ids == list(range(640, 646))
+    assert loaded.legacy.seg_ids == list(range(640, 642))
     cfg = load_config("demo", [*SMALL, f"train.output_dir={tmp_path / 'next'}", f"train.init_from={out / 'model'}",
                                "train.eval_batches=0"])
     started = Trainer(cfg, echo=lambda _: None)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.train.conftest import SMALL
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.heavy
 
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = 10

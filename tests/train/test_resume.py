@@ -18,7 +18,7 @@ from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.state import state_layout
 from tests.train.conftest import SMALL
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.heavy
 
 STEPS, ACCUM = 10, 2  # 20 micro-batches; checkpoints every optimizer step (every 2 micro-batches)
 TIMEOUT = 600

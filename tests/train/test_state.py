@@ -18,14 +18,22 @@ def _trained(overrides):
 
 
 def test_all_trains_everything_but_clip_unless_the_tower_is_trainable():
-    params, frozen = _trained(["model.frozen_param_dtype=bfloat16"])
+    params, frozen = _trained(["train.trainable=all", "model.frozen_param_dtype=bfloat16"])
     assert "vision_tower" not in params and "vision_tower" in frozen
     assert {"llm", "mask_decoder", "text_hidden_fcs", "image_feature_neck"} <= set(params)
     # trained weights are float32 even where the storage dtype of frozen weights is bf16
     assert params["llm"]["layers"]["self_attn"]["q_proj"]["kernel"].get_value().dtype == jnp.float32
     assert frozen["vision_tower"]["embeddings"]["patch_embedding"]["kernel"].get_value().dtype == jnp.bfloat16
-    params, frozen = _trained(["model.vision.trainable=true"])
+    params, frozen = _trained(["train.trainable=all", "model.vision.trainable=true"])
     assert "vision_tower" in params and "vision_tower" not in frozen
+
+
+def test_the_demo_trains_the_official_set():
+    params, frozen = _trained([])
+    assert "vision_tower" in frozen and "text_hidden_fcs" in params and "mask_decoder" in params
+    layers = params["llm"]["layers"]["self_attn"]
+    assert set(layers["q_proj"]) == {"lora_a", "lora_b"}  # the LLM body stays frozen
+    assert "kernel" in frozen["llm"]["layers"]["self_attn"]["q_proj"]
 
 
 def test_a_trainable_tower_needs_the_all_set():
