@@ -6,7 +6,8 @@ update happens in place), the frozen part read-only in its layout, the batch as 
 ones get neither gradients nor optimizer state. A micro-batch whose loss or gradient norm is not
 finite changes nothing but the counters: parameters, optimizer state (including the gradient
 accumulator) stay as they were, `nonfinite` counts the run of such batches and `skipped` all of them.
-Rematerialisation of the LLM layers follows `model.text.remat`; compute runs in `model.dtype`.
+Rematerialisation of the LLM layers follows `model.text.remat`; compute runs in `model.dtype`. The
+forward is traced with the mesh in context, so the model's activation sharding constraints apply.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def make_train_step(
     schedule = warmup_decay_schedule(cfg.optim)
 
     def step(state: TrainState, frozen: nnx.State, batch: dict) -> tuple[TrainState, dict]:
-        (loss, metrics, rngs), grads = loss_and_grads(layout.graphdef, state, frozen, batch, cfg)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the model's activation constraints
+            (loss, metrics, rngs), grads = loss_and_grads(layout.graphdef, state, frozen, batch, cfg)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

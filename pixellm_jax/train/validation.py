@@ -34,7 +34,8 @@ def make_eval_step(layout: StateLayout, cfg: Config, mesh: Mesh, batch_shardings
 
     def step(params, rngs, frozen, batch):
         model = nnx.merge(layout.graphdef, params, rngs, frozen, copy=True)
-        loss, metrics, out = pixellm_objective(model, batch, cfg.loss, deterministic=True)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            loss, metrics, out = pixellm_objective(model, batch, cfg.loss, deterministic=True)
         q, m = out.mask_logits.shape[:2]
         targets = batch["masks"]
         image = jnp.repeat(batch["conv_image"], m)

@@ -10,7 +10,7 @@ from pixellm_jax.describe import random_batch
 from pixellm_jax.train.mesh import batch_shardings, global_batch, make_mesh
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.state import init_state, state_layout
-from pixellm_jax.train.step import loss_and_grads
+from pixellm_jax.train.step import loss_and_grads, make_train_step
 
 MESHES = {"fsdp8": MeshConfig(data=1, fsdp=8, tensor=1), "data2_fsdp2_tensor2": MeshConfig(data=2, fsdp=2, tensor=2)}
 ROWS = 8  # images and conversations: divisible by data x fsdp, so the batch is really split
@@ -61,3 +61,18 @@ def test_loss_and_gradients_equal_the_single_device_run(setup, name):
     lm_head = grads["llm"]["lm_head"]["kernel"].get_value()
     assert lm_head.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tensor")), 2)
     assert any(np.abs(np.asarray(g)).max() > 0 for g in flat.values())
+
+
+def test_the_train_step_applies_the_models_activation_constraints(setup):
+    cfg, tx, state, frozen, batch, _ = setup
+    mesh = make_mesh(MESHES["fsdp8"])
+    layout = state_layout(cfg, mesh, tx)
+    shardings = batch_shardings(mesh, ROWS, ROWS)
+    step = make_train_step(layout, cfg, tx, mesh, shardings)
+    abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s), tree, sh)
+    batch_in = {k: jax.ShapeDtypeStruct(batch[k].shape, batch[k].dtype, sharding=shardings[k]) for k in shardings}
+    text = step.lower(abstract(state, layout.state_shardings), abstract(frozen, layout.frozen_shardings),
+                      batch_in).as_text()
+    # the LLM hidden states at each layer boundary, batch split over data x fsdp
+    assert text.count("sharding_constraint") + text.count("@Sharding") >= 2 * cfg.model.text.num_layers
