@@ -51,7 +51,8 @@ def pipeline_rate(cfg, tok, workers: int, batches: int, warmup: int, image_size:
     pc = dataclasses.replace(PipelineConfig.from_config(cfg), num_workers=workers)
     if image_size is not None:
         grid = max(1, image_size // 28)  # the official 16 x 16 LLM grid at 448 px
-        pc = dataclasses.replace(pc, image_size=image_size, mask_size=image_size, n_image_tokens=grid * grid)
+        pc = dataclasses.replace(pc, image_size=image_size, mask_size=image_size, n_image_tokens=grid * grid,
+                                 model_max_length=pc.max_text_len + grid * grid - 1)  # same text budget
     sources, rates = training_sources(cfg)
     if not sources:
         raise ConfigError("data.datasets: nothing to read")
