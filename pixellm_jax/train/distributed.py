@@ -37,3 +37,13 @@ def initialize(mode: str = "auto") -> None:
     timeout = int(os.environ.get("PIXELLM_HEARTBEAT_TIMEOUT", "100"))
     jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=timeout,
                                initialization_timeout=max(timeout, 60))
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Wait until every process reaches `name`, through the coordination service (no device
+    collective, so processes may arrive minutes apart: one compiling while another has finished)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

@@ -65,6 +65,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, echo: Callable[[str], None] | None = None):
         self.started = time.perf_counter()
+        self._compiled: set = set()
         distributed.initialize(cfg.train.distributed)
         if cfg.train.compilation_cache:
             jax.config.update("jax_compilation_cache_dir", str(Path(cfg.train.compilation_cache).absolute()))
@@ -140,7 +141,8 @@ class Trainer:
                         preempted = True
                         break
                     local = self.next_batch()
-                    self.state, metrics = self.train_step(self.state, self.frozen, global_batch(local, self.shardings))
+                    batch = global_batch(local, self.shardings)
+                    self.state, metrics = self._together(self.train_step)(self.state, self.frozen, batch)
                     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     micro = int(self.state.step)
                     self._check_finite(host, micro)
@@ -180,6 +182,21 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return result
 
+    def _together(self, fn):
+        """`fn` that, with several processes, is first compiled for each new batch shape and then waits
+        for every process: the first cross-process collective of a program (Gloo on CPU) gives up
+        after 30 s, so no process may start running it while another is still compiling it."""
+
+        def call(*args):
+            key = (id(fn), tuple((k, v.shape) for k, v in sorted(args[-1].items())))
+            if jax.process_count() > 1 and key not in self._compiled:
+                fn.lower(*args).compile()
+                self._compiled.add(key)
+                distributed.barrier(f"pixellm compiled {len(self._compiled)}")
+            return fn(*args)
+
+        return call
+
     def _check_finite(self, host: dict[str, float], micro: int) -> None:
         if host["finite"]:
             return
@@ -212,7 +229,7 @@ class Trainer:
 
     def _evaluate(self, step: int, progress, overlays: bool) -> dict[str, float]:
         keep = 1 if overlays and self.cfg.train.overlays else 0
-        metrics, kept = evaluate(self.eval_step, self.state, self.frozen, self.eval_batches, self.shardings, keep)
+        metrics, kept = evaluate(self._together(self.eval_step), self.state, self.frozen, self.eval_batches, self.shardings, keep)
         self.writer.write(step, metrics, kind="eval")
         progress.write(f"eval @ step {step}: gIoU {metrics['giou']:.4f} cIoU {metrics['ciou']:.4f} "
                        f"val loss {metrics['val_loss']:.4f} ({metrics['targets']:.0f} targets)")

@@ -49,7 +49,10 @@ def test_two_processes_give_the_losses_of_one(tmp_path, subprocess_env):
     assert done.returncode == 0, logs
     assert "2 process(es)" in logs
     # Process p reads records p, p+2, ...: the global batches hold the same records as one process's.
-    np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=1e-6)
+    two, one = _losses(two), _losses(one)
+    np.testing.assert_allclose(two[:, :4], one[:, :4], rtol=1e-5, atol=1e-6)  # total, ce, bce, dice
+    # the gradient norm sums squares over devices in another order across two processes
+    np.testing.assert_allclose(two[:, 4], one[:, 4], rtol=1e-3)
 
 
 def test_a_dead_process_makes_the_other_exit_non_zero(tmp_path, subprocess_env):
