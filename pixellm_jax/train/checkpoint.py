@@ -46,12 +46,13 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
+        registry = type_handler_registry()
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=options,
             item_handlers={
-                "state": ocp.PyTreeCheckpointHandler(type_handler_registry=type_handler_registry()),
-                "frozen": ocp.PyTreeCheckpointHandler(type_handler_registry=type_handler_registry()),
+                "state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+                "frozen": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
                 "data": grain.checkpoint.CheckpointHandler(),
             },
         )

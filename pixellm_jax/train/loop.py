@@ -187,9 +187,12 @@ class Trainer:
         for every process: the first cross-process collective of a program (Gloo on CPU) gives up
         after 30 s, so no process may start running it while another is still compiling it."""
 
+        if jax.process_count() == 1:
+            return fn
+
         def call(*args):
             key = (id(fn), tuple((k, v.shape) for k, v in sorted(args[-1].items())))
-            if jax.process_count() > 1 and key not in self._compiled:
+            if key not in self._compiled:
                 fn.lower(*args).compile()
                 self._compiled.add(key)
                 distributed.barrier(f"pixellm compiled {len(self._compiled)}")
