@@ -26,6 +26,7 @@ DATA = ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "importlib_resources
 DEV = TORCH + [
     "pytest>=8",
     "pytest-xdist>=3.5",
+    "pytest-timeout>=2.3",  # a hung test fails with its stack instead of stalling CI
     "peft>=0.13",
     "segment-anything>=1.0",
     "pycocotools>=2.0.7",

@@ -22,6 +22,9 @@ Dropped data is counted in `pipeline.stats` and logged with the sample id:
   * a conversation with more than `max_targets` targets, one whose codebook tokens the truncation cut,
     one longer than the largest bucket, and one that does not fit the `conversations_per_batch`
     slots of its batch is dropped; a sample left without conversations is dropped.
+  * when more than a whole epoch share of records in a row (at most 10,000) yields nothing, the config
+    drops everything (e.g. `model_max_length` shorter than every conversation): the iterator raises
+    `NothingUsable` with the drop counts instead of searching an endless stream forever.
 
 Batch schema (dict of numpy arrays; Bi = images_per_batch, Q = conversations_per_batch,
 M = max_targets, S = image_size, C = mask_size, T = the smallest `token_buckets` entry that fits the
@@ -149,6 +152,10 @@ class Rejected:
     stream_index: int
 
 
+class NothingUsable(RuntimeError):
+    """Every record of a long run was dropped: the data cannot fill a batch under this config."""
+
+
 @dataclass
 class PipelineStats:
     """What this pipeline's iterators produced and dropped (not part of the saved iterator state)."""
@@ -157,6 +164,7 @@ class PipelineStats:
     dropped: collections.Counter = field(default_factory=collections.Counter)
     samples: int = 0
     batches: int = 0
+    unusable_streak: int = 0  # records in a row that yielded nothing
 
 
 class _Keys:
@@ -307,6 +315,19 @@ class InputPipeline:
         log.warning("dropped a conversation of %s (%s; %d so far)", sample_id, reason, self.stats.dropped[reason])
 
     def _keep(self, record: PreparedSample | Rejected) -> bool:
+        keep = self._usable(record)
+        self.stats.unusable_streak = 0 if keep else self.stats.unusable_streak + 1
+        limit = max(1, min(self.epoch_size // self.process_count, 10_000))
+        if self.stats.unusable_streak > limit:
+            raise NothingUsable(
+                f"the last {self.stats.unusable_streak} records of {[s.name for s in self.sources]} were all "
+                f"dropped (bad samples: {self.stats.bad_samples}, dropped: {dict(self.stats.dropped)}); check "
+                f"model_max_length ({self.cfg.model_max_length}), token_buckets ({list(self.cfg.token_buckets)}) "
+                f"and max_targets ({self.cfg.max_targets}) against the data"
+            )
+        return keep
+
+    def _usable(self, record: PreparedSample | Rejected) -> bool:
         if isinstance(record, Rejected):
             if self.cfg.on_bad_sample == "raise":
                 raise BadSample(record.sample_id, record.reason)

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_training
-from pixellm_jax.data.pipeline import InputPipeline, PipelineConfig
+from pixellm_jax.data.pipeline import InputPipeline, NothingUsable, PipelineConfig
 from pixellm_jax.data.sample import BadSample, Conversation, Sample, Source
 from pixellm_jax.data.synthetic import SyntheticShapes
 from pixellm_jax.data.transforms import masks_to_canvas, preprocess_image
@@ -239,18 +239,29 @@ def test_overflow_is_dropped_and_counted(tok):
 
 
 def test_truncation_drops_cut_targets_and_long_conversations(tok):
-    src = SyntheticShapes(num_samples=30, questions_per_image=1)
-    # 4 image tokens and model_max_length 112: 109 text tokens, shorter than most conversations.
-    pipe = InputPipeline([src], tok, _cfg(model_max_length=112, token_buckets=[109]), process_index=0, process_count=1)
+    src = SyntheticShapes(num_samples=30, questions_per_image=1)  # conversations of 122-190 tokens
+    # 4 image tokens and model_max_length 140: 137 text tokens, shorter than a good part of them.
+    pipe = InputPipeline([src], tok, _cfg(model_max_length=140, token_buckets=[137]), process_index=0, process_count=1)
     for b in _take(iter(pipe), 3):
-        assert b["input_ids"].shape[1] == 109
+        assert b["input_ids"].shape[1] == 137
         for j in np.flatnonzero(b["conv_valid"]):
             assert np.isin(b["input_ids"][j], tok.seg_ids).sum() == 6 * b["mask_valid"][j].sum()
     assert pipe.stats.dropped["targets_truncated"] > 0
-    pipe = InputPipeline([src], tok, _cfg(token_buckets=[100, 120]), process_index=0, process_count=1)
+    pipe = InputPipeline([src], tok, _cfg(token_buckets=[130, 150]), process_index=0, process_count=1)
     for b in _take(iter(pipe), 3):
-        assert b["input_ids"].shape[1] in (100, 120)
+        assert b["input_ids"].shape[1] in (130, 150)
     assert pipe.stats.dropped["longer_than_largest_bucket"] > 0
+
+
+def test_config_that_drops_everything_raises_instead_of_spinning(tok):
+    src = SyntheticShapes(num_samples=30, questions_per_image=1)
+    pipe = InputPipeline([src], tok, _cfg(model_max_length=112, token_buckets=[109]), process_index=0, process_count=1)
+    with pytest.raises(NothingUsable, match=r"last 31 records of \['synthetic.*targets_truncated.*model_max_length \(112\)"):
+        next(iter(pipe))
+    # A finite stream whose only epoch is dropped whole just ends.
+    pipe = InputPipeline([src], tok, _cfg(model_max_length=112, token_buckets=[109], num_epochs=1),
+                         process_index=0, process_count=1)
+    assert list(pipe) == [] and pipe.stats.dropped["sample_without_conversations"] == 30
 
 
 def test_config_and_inputs_validated(tok):
