@@ -13,6 +13,8 @@ every other parameter's initialiser).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -138,23 +140,50 @@ def _torch_view(a: np.ndarray):
 _TORCH_DTYPES = {np.dtype(t) for t in (np.float32, np.float16, np.float64, ml_dtypes.bfloat16)}
 
 
+# A source band this large stays in cache while its transposed columns are written: banded copies on
+# a few threads run ~2x faster than one strided copy of the whole tensor (torch releases the GIL).
+_BAND_BYTES = 512 << 10
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(min(os.cpu_count() or 1, 8), thread_name_prefix="convert-copy")
+    return _POOL
+
+
+def _copy(dst, src) -> None:
+    if src.dtype != dst.dtype and not src.is_contiguous():
+        src = src.contiguous()  # torch's fused transpose-and-cast copy is many times slower than the two
+    dst.copy_(src)
+
+
 def copy_transformed(dst: np.ndarray, x: np.ndarray, transform: Transform) -> None:
     """dst[...] = transform.forward(x), cast to dst's dtype, without a temporary copy of x.
 
-    Axis permutations of float tensors run as one torch strided copy (several times faster than
-    NumPy's for transposes; torch is there whenever a checkpoint is read); the rest through NumPy.
+    Axis permutations of float tensors run as torch strided copies (several times faster than
+    NumPy's for transposes; torch is there whenever a checkpoint is read): a large tensor in bands of
+    its leading source axis, on a small thread pool; the rest through NumPy.
     """
-    if isinstance(transform, Permute) and x.dtype in _TORCH_DTYPES and dst.dtype in _TORCH_DTYPES:
-        src = _torch_view(x)
-        if transform.perm is not None:
-            src = src.permute(transform.perm)
-        if transform.flip:
-            src = src.flip(transform.flip)
-        if x.dtype != dst.dtype and not src.is_contiguous():
-            src = src.contiguous()  # torch's fused transpose-and-cast copy is many times slower than the two
-        _torch_view(dst).copy_(src)
-    else:
+    if not (isinstance(transform, Permute) and x.dtype in _TORCH_DTYPES and dst.dtype in _TORCH_DTYPES):
         np.copyto(dst, transform.forward(x), casting="same_kind")
+        return
+    src, out = _torch_view(x), _torch_view(dst)
+    perm = transform.perm if transform.perm is not None else tuple(range(x.ndim))
+    if transform.flip or x.ndim == 0 or x.nbytes < 2 * _BAND_BYTES:
+        src = src.permute(perm)
+        _copy(out, src.flip(transform.flip) if transform.flip else src)
+        return
+    rows = max(1, _BAND_BYTES * x.shape[0] // x.nbytes)
+    axis = perm.index(0)  # where the source's leading axis lands in the target
+
+    def band(start: int) -> None:
+        n = min(rows, x.shape[0] - start)
+        _copy(out.narrow(axis, start, n), src.narrow(0, start, n).permute(perm))
+
+    for _ in _pool().map(band, range(0, x.shape[0], rows)):
+        pass
 
 
 def place_sharded(
