@@ -83,24 +83,35 @@ def dice_loss(logits: jax.Array, targets: jax.Array, valid: jax.Array | None = N
 
 
 def refinement_weights(logits: jax.Array, question_id: jax.Array, alpha: float,
-                       valid: jax.Array | None = None, pixel_valid: jax.Array | None = None) -> jax.Array:
+                       valid: jax.Array | None = None, pixel_valid: jax.Array | None = None,
+                       group_size: int | None = None) -> jax.Array:
     """Per-pixel weights A [n, H, W]: α where ≥ 2 valid masks of the mask's question have logit > 0.
 
     The overlap count runs over the valid masks of the same question at valid pixels; the weights
-    are constants (no gradient flows through the binarised predictions).
+    are constants (no gradient flows through the binarised predictions). `group_size` g says the masks
+    come in consecutive groups of g that share no question with another group (the model's layout:
+    one question per conversation row of `max_targets` slots); the count then stays within each group,
+    the same numbers without a contraction over the whole batch (which, sharded, gathers every mask).
     """
     x, _, valid, pix = _prepare(logits, logits, valid, pixel_valid)
     positive = ((x > 0) & pix & valid[:, None, None]).astype(jnp.float32)
-    same = (question_id[:, None] == question_id[None, :]).astype(jnp.float32)
-    count = jnp.einsum("ij,jhw->ihw", same, positive, precision=jax.lax.Precision.HIGHEST)
+    n = positive.shape[0]
+    g = group_size or n
+    if n % max(g, 1):
+        raise ValueError(f"{n} masks do not split into groups of {g}")
+    qid = question_id.reshape(-1, g) if n else question_id.reshape(0, 0)
+    same = (qid[:, :, None] == qid[:, None, :]).astype(jnp.float32)
+    count = jnp.einsum("qij,qjhw->qihw", same, positive.reshape(qid.shape + positive.shape[1:]),
+                       precision=jax.lax.Precision.HIGHEST).reshape(positive.shape)
     return jax.lax.stop_gradient(jnp.where(count >= 2.0, jnp.float32(alpha), jnp.float32(1.0)))
 
 
 def refinement_loss(logits: jax.Array, targets: jax.Array, question_id: jax.Array, alpha: float,
-                    valid: jax.Array | None = None, pixel_valid: jax.Array | None = None) -> jax.Array:
+                    valid: jax.Array | None = None, pixel_valid: jax.Array | None = None,
+                    group_size: int | None = None) -> jax.Array:
     """Target refinement loss: BCE weighted by `refinement_weights`, normalised like `mask_bce_loss`."""
     x, t, valid, pix = _prepare(logits, targets, valid, pixel_valid)
-    weight = refinement_weights(x, question_id, alpha, valid, pix)
+    weight = refinement_weights(x, question_id, alpha, valid, pix, group_size)
     return _weighted_bce(x, t, valid, pix, weight)
 
 
@@ -114,16 +125,19 @@ def pixellm_loss(
     question_id: jax.Array,
     cfg: LossConfig,
     pixel_valid: jax.Array | None = None,
+    group_size: int | None = None,
 ) -> dict[str, jax.Array]:
     """All loss terms (unweighted `ce`, `bce`, `dice`, `refine`) and the weighted `total`.
 
     total = ce_weight·ce + dice_weight·dice + (refinement_weight·refine if cfg.refinement
     else bce_weight·bce). `refine` is always computed (with cfg.refinement_alpha) for monitoring.
+    `group_size`: see `refinement_weights`.
     """
     ce = text_ce_loss(lm_logits, labels)
     bce = mask_bce_loss(mask_logits, mask_targets, valid, pixel_valid)
     dice = dice_loss(mask_logits, mask_targets, valid, pixel_valid)
-    refine = refinement_loss(mask_logits, mask_targets, question_id, cfg.refinement_alpha, valid, pixel_valid)
+    refine = refinement_loss(mask_logits, mask_targets, question_id, cfg.refinement_alpha, valid, pixel_valid,
+                             group_size)
     mask_term = cfg.refinement_weight * refine if cfg.refinement else cfg.bce_weight * bce
     total = cfg.ce_weight * ce + cfg.dice_weight * dice + mask_term
     return {"ce": ce, "bce": bce, "dice": dice, "refine": refine, "total": total}

@@ -44,7 +44,7 @@ def pixellm_objective(
     terms = pixellm_loss(
         out.logits, out.labels, logits, targets.reshape(q * m, *targets.shape[2:]),
         valid=valid.reshape(-1), question_id=out.seg.question_id.reshape(-1), cfg=loss_cfg,
-        pixel_valid=pixel_valid,
+        pixel_valid=pixel_valid, group_size=m,  # one question per conversation row of m target slots
     )
     metrics = dict(terms)
     metrics["num_masks"] = valid.sum()

@@ -142,6 +142,24 @@ def test_refinement_weights_hand_built():
     np.testing.assert_array_equal(w, np.ones_like(x))
 
 
+def test_refinement_counted_per_group_equals_the_batch_wide_count():
+    # The model's layout: rows of m = 3 target slots, one question per row (question_id = row).
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4 * 3, 5, 7)).astype(np.float32)
+    valid = rng.random(12) > 0.2
+    pix = rng.random((12, 5, 7)) > 0.1
+    qid = np.repeat(np.arange(4), 3)
+    dense = np.asarray(refinement_weights(x, qid, 2.5, valid, pix))
+    grouped = np.asarray(refinement_weights(x, qid, 2.5, valid, pix, group_size=3))
+    assert (dense == 2.5).any() and (dense == 1.0).any()
+    np.testing.assert_array_equal(grouped, dense)
+    t = rng.random((12, 5, 7)) > 0.5
+    np.testing.assert_array_equal(refinement_loss(x, t, qid, 2.5, valid, pix, group_size=3),
+                                  refinement_loss(x, t, qid, 2.5, valid, pix))
+    with pytest.raises(ValueError, match="12 masks do not split into groups of 5"):
+        refinement_weights(x, qid, 2.5, group_size=5)
+
+
 def test_text_ce_matches_torch():
     rng = np.random.default_rng(3)
     b, t, v = 3, 9, 17
