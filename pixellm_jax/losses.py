@@ -96,10 +96,10 @@ def refinement_weights(logits: jax.Array, question_id: jax.Array, alpha: float,
     x, _, valid, pix = _prepare(logits, logits, valid, pixel_valid)
     positive = ((x > 0) & pix & valid[:, None, None]).astype(jnp.float32)
     n = positive.shape[0]
-    g = group_size or n
-    if n % max(g, 1):
+    g = group_size or max(n, 1)
+    if n % g:
         raise ValueError(f"{n} masks do not split into groups of {g}")
-    qid = question_id.reshape(-1, g) if n else question_id.reshape(0, 0)
+    qid = question_id.reshape(-1, g)
     same = (qid[:, :, None] == qid[:, None, :]).astype(jnp.float32)
     count = jnp.einsum("qij,qjhw->qihw", same, positive.reshape(qid.shape + positive.shape[1:]),
                        precision=jax.lax.Precision.HIGHEST).reshape(positive.shape)

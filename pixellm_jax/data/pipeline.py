@@ -272,6 +272,8 @@ class InputPipeline:
         self.process_index, self.process_count = process_index, process_count
         self.epoch_size = cfg.epoch_size or int(min(len(s) * sum(rates) / r for s, r in zip(sources, rates)))
         self.stats = PipelineStats()
+        # Records in a row that may yield nothing before the config is judged to drop everything.
+        self._unusable_limit = max(1, min(self.epoch_size // process_count, 10_000))
 
     def stream(self) -> grain.MapDataset:
         """The global stream of (source id, record index) keys, all processes together (stages 1–2)."""
@@ -317,8 +319,7 @@ class InputPipeline:
     def _keep(self, record: PreparedSample | Rejected) -> bool:
         keep = self._usable(record)
         self.stats.unusable_streak = 0 if keep else self.stats.unusable_streak + 1
-        limit = max(1, min(self.epoch_size // self.process_count, 10_000))
-        if self.stats.unusable_streak > limit:
+        if self.stats.unusable_streak > self._unusable_limit:
             raise NothingUsable(
                 f"the last {self.stats.unusable_streak} records of {[s.name for s in self.sources]} were all "
                 f"dropped (bad samples: {self.stats.bad_samples}, dropped: {dict(self.stats.dropped)}); check "
