@@ -22,11 +22,14 @@ from pixellm_jax.postprocess import postprocess_masks
 
 
 def pixellm_objective(
-    model: PixelLM, batch: dict, loss_cfg: LossConfig, *, deterministic: bool = True
+    model: PixelLM, batch: dict, loss_cfg: LossConfig, *, deterministic: bool = True, image_groups: int = 1
 ) -> tuple[jax.Array, dict[str, jax.Array], PixelLMOutput]:
-    """(total loss, metrics, outputs) for one batch; differentiable in the model's parameters."""
+    """(total loss, metrics, outputs) for one batch; differentiable in the model's parameters.
+
+    `image_groups`: the aligned blocks the batch is packed in (`models.grouped_take`), 1 for any batch.
+    """
     out = model(batch["pixels"], batch["resized_hw"], batch["input_ids"], batch["attention_mask"],
-                batch["conv_image"], batch["labels"], deterministic=deterministic)
+                batch["conv_image"], batch["labels"], deterministic=deterministic, image_groups=image_groups)
     q, m = out.mask_logits.shape[:2]
     targets = jnp.asarray(batch["masks"])
     conv_image = jnp.asarray(batch["conv_image"])

@@ -12,7 +12,10 @@ Stages (all deterministic for a seed):
   4. Per record, in Grain worker processes when `num_workers > 0`: `Source.get(index, rng)` with
      rng = default_rng([seed, stream_index]), image preprocessing (`transforms`), tokenisation with
      labels and truncation (`conversation`), GT masks onto the fixed canvas.
-  5. Batches of `images_per_batch` samples are packed into fixed shapes (below) in the main process.
+  5. Batches of `images_per_batch` samples are packed into fixed shapes (below) in the main process,
+     as `groups` aligned blocks (one per device of the process's batch share): block g holds images
+     [g·Bi/G, (g+1)·Bi/G) and conversation slots [g·Q/G, (g+1)·Q/G), and a conversation only takes a
+     slot of its image's block (`models.grouped_take`: the image gather then stays on the device).
 The iterator's position is Grain state: `it.get_state()` / `it.set_state(state)` on the iterator from
 `iter(pipeline)` resumes with exactly the same batches (the trainer stores it with the checkpoint).
 
@@ -38,7 +41,7 @@ batch's longest conversation):
   input_ids       [Q, T] int32           text ids with one IMAGE_TOKEN (−200); pad id after the end
   attention_mask  [Q, T] bool            True on real tokens
   labels          [Q, T] int32           −100 where not supervised
-  conv_image      [Q] int32              image row of each conversation (0 for padding)
+  conv_image      [Q] int32              image row of each conversation (its block's first row for padding)
   conv_valid      [Q] bool
   masks           [Q, M, C, C] bool      GT masks in answer order, valid region [:mask_hw]
   mask_valid      [Q, M] bool
@@ -87,6 +90,7 @@ class PipelineConfig:
     read_threads: int = 1  # threads per process reading records ahead
     prefetch_buffer_size: int = 8
     on_bad_sample: Literal["skip", "raise"] = "skip"
+    groups: int = 1  # aligned blocks per batch, each conversation in its image's block (one per device)
 
     @classmethod
     def from_config(cls, cfg) -> "PipelineConfig":
@@ -114,6 +118,10 @@ class PipelineConfig:
 
         need(self.images_per_batch > 0 and self.conversations_per_batch > 0, "batch sizes must be positive")
         need(self.max_targets > 0, "max_targets must be positive")
+        need(self.groups > 0 and self.images_per_batch % self.groups == 0
+             and self.conversations_per_batch % self.groups == 0,
+             f"groups ({self.groups}) must divide images_per_batch ({self.images_per_batch}) and "
+             f"conversations_per_batch ({self.conversations_per_batch})")
         need(len(self.token_buckets) > 0 and all(b > 0 for b in self.token_buckets), "token_buckets must be positive")
         need(list(self.token_buckets) == sorted(set(self.token_buckets)), "token_buckets must be strictly increasing")
         need(self.max_text_len > 0, "model_max_length must exceed n_image_tokens - 1")
@@ -348,11 +356,15 @@ class InputPipeline:
         cfg = self.cfg
         bi, q, m = cfg.images_per_batch, cfg.conversations_per_batch, cfg.max_targets
         c, s = cfg.mask_size, cfg.image_size
-        convs = [(row, conv) for row, r in enumerate(records) for conv in r.conversations]
-        for row, _ in convs[q:]:
-            self._drop("batch_full", records[row].sample_id)
-        convs = convs[:q]
-        longest = max(len(conv.input_ids) for _, conv in convs)
+        rows_per, slots_per = bi // cfg.groups, q // cfg.groups
+        slots: list[tuple[int, int, object]] = []  # (conversation slot, image row, conversation)
+        for g in range(cfg.groups):  # each block's conversations go to its own slots
+            convs = [(row, conv) for row in range(g * rows_per, min((g + 1) * rows_per, len(records)))
+                     for conv in records[row].conversations]
+            for row, _ in convs[slots_per:]:
+                self._drop("batch_full", records[row].sample_id)
+            slots += [(g * slots_per + i, row, conv) for i, (row, conv) in enumerate(convs[:slots_per])]
+        longest = max(len(conv.input_ids) for _, _, conv in slots)
         t = next(b for b in cfg.token_buckets if b >= longest)
         batch = {
             "pixels": np.zeros((bi, s, s, 3), np.float32),
@@ -364,7 +376,8 @@ class InputPipeline:
             "input_ids": np.full((q, t), self.tokenizer.pad_id, np.int32),
             "attention_mask": np.zeros((q, t), bool),
             "labels": np.full((q, t), IGNORE_INDEX, np.int32),
-            "conv_image": np.zeros((q,), np.int32),
+            # padding rows point at their block's first image
+            "conv_image": np.repeat(np.arange(cfg.groups, dtype=np.int32) * rows_per, slots_per),
             "conv_valid": np.zeros((q,), bool),
             "masks": np.zeros((q, m, c, c), bool),
             "mask_valid": np.zeros((q, m), bool),
@@ -376,7 +389,7 @@ class InputPipeline:
             batch["mask_hw"][row] = r.mask_hw
             batch["image_valid"][row] = True
             batch["stream_index"][row] = r.stream_index
-        for j, (row, conv) in enumerate(convs):
+        for j, row, conv in slots:
             n, k = len(conv.input_ids), conv.masks.shape[0]
             batch["input_ids"][j, :n] = conv.input_ids
             batch["attention_mask"][j, :n] = True

@@ -17,6 +17,7 @@ from flax import nnx
 
 from pixellm_jax.config import HeadConfig
 from pixellm_jax.models.attention import Impl
+from pixellm_jax.models.grouped_take import take_in_groups
 from pixellm_jax.models.layers import axes_meta, embed, param
 from pixellm_jax.models.sam_layers import (
     EMBED,
@@ -126,13 +127,15 @@ class MultiScaleMaskDecoder(nnx.Module):
         prompt_encoder: PromptEncoder,
         *,
         return_levels: bool = False,
+        image_groups: int = 1,
     ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
         """Mask logits [n_tgt, 2^L h, 2^L w] for every target (128 x 128 for L=2 on a 32 x 32 grid).
 
         features: L neck outputs [n_img, h, w, C], deep level first. prompts: [n_tgt, L, C], one
         fused prompt per level. image_index: [n_tgt] int32, the image of each target (clipped into
-        range, so padding rows may hold any index). With `return_levels`, also the per-level logits
-        of mask token 0, level l at (2^(l+1) h, 2^(l+1) w).
+        range, so padding rows may hold any index; with `image_groups` > 1, into the target's block,
+        see `grouped_take`). With `return_levels`, also the per-level logits of mask token 0, level l
+        at (2^(l+1) h, 2^(l+1) w).
         """
         if len(features) != self.levels or prompts.shape[1] != self.levels:
             raise ValueError(
@@ -155,7 +158,7 @@ class MultiScaleMaskDecoder(nnx.Module):
             feats = features[l].astype(dtype)
             for _ in range(l):
                 feats = self.upsample_2x(feats)
-            src = jnp.take(feats, image_index, axis=0, mode="clip")
+            src = take_in_groups(feats, image_index, image_groups)
             _, h, w, c = src.shape
             if l == 0:
                 pe = prompt_encoder.dense_pe(h, w)

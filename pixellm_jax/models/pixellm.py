@@ -21,6 +21,7 @@ from flax import nnx
 from pixellm_jax.config import ModelConfig
 from pixellm_jax.models.clip import CLIPVisionTower, llm_token_mask, vit_patch_mask
 from pixellm_jax.models.codebook import SegGather, gather_seg_states
+from pixellm_jax.models.grouped_take import take_in_groups
 from pixellm_jax.models.llama import LlamaModel, LlamaOutput
 from pixellm_jax.models.multimodal import Spliced, splice_image_tokens
 from pixellm_jax.models.pixel_decoder import FeatureNeck, MultiScaleMaskDecoder, PromptEncoder
@@ -89,12 +90,17 @@ class PixelLM(nnx.Module):
         labels: jax.Array | None = None,
         *,
         deterministic: bool = True,
+        image_groups: int = 1,
     ) -> tuple[Spliced, LlamaOutput]:
-        """Splice each conversation's image tokens at its -200 sentinel and run the LLM."""
+        """Splice each conversation's image tokens at its -200 sentinel and run the LLM.
+
+        `image_groups`: the batch's block count (`grouped_take`); 1 makes no assumption.
+        """
         text = self.llm.embed(jnp.maximum(input_ids, 0))
         spliced = splice_image_tokens(
             text, input_ids, attention_mask,
-            jnp.take(images.llm_tokens, conv_image, axis=0), jnp.take(images.llm_mask, conv_image, axis=0),
+            take_in_groups(images.llm_tokens, conv_image, image_groups),
+            take_in_groups(images.llm_mask, conv_image, image_groups),
             labels,
         )
         out = self.llm(input_embeds=spliced.embeds, attention_mask=spliced.attention_mask,
@@ -102,7 +108,8 @@ class PixelLM(nnx.Module):
         return spliced, out
 
     def decode_masks(
-        self, images: ImageFeatures, hidden: jax.Array, token_ids: jax.Array, conv_image: jax.Array
+        self, images: ImageFeatures, hidden: jax.Array, token_ids: jax.Array, conv_image: jax.Array,
+        image_groups: int = 1,
     ) -> tuple[jax.Array, SegGather]:
         """Mask logits [Q, M, h_out, w_out] for the codebook groups found in `token_ids` [Q, T]."""
         h = self.cfg.head
@@ -112,7 +119,7 @@ class PixelLM(nnx.Module):
         q, m = prompts.shape[:2]
         image_index = jnp.repeat(conv_image, m)
         masks = self.mask_decoder(images.decoder, prompts.reshape(q * m, *prompts.shape[2:]), image_index,
-                                  self.prompt_encoder)
+                                  self.prompt_encoder, image_groups=image_groups)
         return masks.reshape(q, m, *masks.shape[1:]), seg
 
     def __call__(
@@ -125,10 +132,11 @@ class PixelLM(nnx.Module):
         labels: jax.Array | None = None,
         *,
         deterministic: bool = True,
+        image_groups: int = 1,
     ) -> PixelLMOutput:
         """Teacher-forced forward: text logits and one mask per codebook group in `input_ids`."""
         images = self.encode_images(pixels, resized_hw)
         spliced, out = self.language(images, input_ids, attention_mask, conv_image, labels,
-                                     deterministic=deterministic)
-        masks, seg = self.decode_masks(images, out.hidden, spliced.token_ids, conv_image)
+                                     deterministic=deterministic, image_groups=image_groups)
+        masks, seg = self.decode_masks(images, out.hidden, spliced.token_ids, conv_image, image_groups)
         return PixelLMOutput(out.logits, spliced.labels, masks, seg)

@@ -35,7 +35,7 @@ from pixellm_jax.data.pipeline import PipelineConfig
 from pixellm_jax.train import distributed
 from pixellm_jax.train.checkpoint import Checkpointer, write_model
 from pixellm_jax.train.data import eval_pipeline, load_tokenizer, training_pipeline, with_tokenizer_ids
-from pixellm_jax.train.mesh import batch_shardings, global_batch, make_mesh
+from pixellm_jax.train.mesh import batch_shardings, global_batch, image_groups, local_batch_groups, make_mesh
 from pixellm_jax.train.metrics import MetricsWriter, peak_flops, step_flops
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.preemption import PreemptionWatch
@@ -87,13 +87,17 @@ class Trainer:
         processes = jax.process_count()
         self.shardings = batch_shardings(self.mesh, pc.images_per_batch * processes,
                                          pc.conversations_per_batch * processes)
-        self.train_step = make_train_step(self.layout, cfg, self.tx, self.mesh, self.shardings)
-        self.pipeline = training_pipeline(cfg, tokenizer)
+        # Batches packed in one block per device, so each conversation's image is on its device.
+        local_groups = local_batch_groups(self.mesh, pc.images_per_batch, pc.conversations_per_batch)
+        groups = image_groups(self.mesh, local_groups)
+        self.train_step = make_train_step(self.layout, cfg, self.tx, self.mesh, self.shardings, groups)
+        self.pipeline = training_pipeline(cfg, tokenizer, local_groups)
         self.iterator = iter(self.pipeline)
         # The built-in held-out set is synthetic; benchmark evaluation is `pixellm eval` on a checkpoint.
         evaluating = cfg.train.eval_batches > 0 and "synthetic" in cfg.data.datasets
-        self.eval_batches = list(eval_pipeline(cfg, tokenizer)) if evaluating else []
-        self.eval_step = make_eval_step(self.layout, cfg, self.mesh, self.shardings) if self.eval_batches else None
+        self.eval_batches = list(eval_pipeline(cfg, tokenizer, local_groups)) if evaluating else []
+        self.eval_step = (make_eval_step(self.layout, cfg, self.mesh, self.shardings, groups)
+                          if self.eval_batches else None)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.train)
         self.writer = MetricsWriter(self.out)
         self.peak = peak_flops(cfg)

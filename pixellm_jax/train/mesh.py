@@ -56,6 +56,23 @@ def batch_parallelism(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def local_batch_groups(mesh: Mesh, images: int, conversations: int) -> int:
+    """Blocks a process packs its batch of `images` / `conversations` in: one per device of its share.
+
+    Each block holds its images and the conversations about them (`PipelineConfig.groups`), so the
+    per-conversation image gather stays on the device (`models.grouped_take`). 1 when the share
+    does not split evenly.
+    """
+    parallel, processes = batch_parallelism(mesh), jax.process_count()
+    local = parallel // processes if parallel % processes == 0 else 1
+    return local if images % local == 0 and conversations % local == 0 else 1
+
+
+def image_groups(mesh: Mesh, local_groups: int) -> int:
+    """Blocks of the global batch when every process packs `local_groups` (processes stack theirs)."""
+    return local_groups * jax.process_count() if batch_parallelism(mesh) % jax.process_count() == 0 else 1
+
+
 def batch_sharding(mesh: Mesh, rows: int) -> NamedSharding:
     """Rows split over data × fsdp when they divide evenly, else replicated (single process only)."""
     if rows % batch_parallelism(mesh) == 0:

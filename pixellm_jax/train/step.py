@@ -28,12 +28,13 @@ from pixellm_jax.train.state import StateLayout, TrainState
 StepFn = Callable[[TrainState, nnx.State, dict], tuple[TrainState, dict]]
 
 
-def loss_and_grads(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State, batch: dict, cfg: Config):
+def loss_and_grads(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State, batch: dict, cfg: Config,
+                   image_groups: int = 1):
     """((loss, metrics, new rng streams), grads of the trainable parameters) for one micro-batch."""
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.rngs, frozen, copy=True)  # fresh Variables inside the trace
-        loss, metrics, _ = pixellm_objective(model, batch, cfg.loss, deterministic=False)
+        loss, metrics, _ = pixellm_objective(model, batch, cfg.loss, deterministic=False, image_groups=image_groups)
         return loss, (metrics, nnx.state(model, nnx.RngState))
 
     (loss, (metrics, rngs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -41,14 +42,19 @@ def loss_and_grads(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State,
 
 
 def make_train_step(
-    layout: StateLayout, cfg: Config, tx: optax.GradientTransformation, mesh: Mesh, batch_shardings: dict
+    layout: StateLayout, cfg: Config, tx: optax.GradientTransformation, mesh: Mesh, batch_shardings: dict,
+    image_groups: int = 1,
 ) -> StepFn:
-    """`step(state, frozen, batch) -> (state, metrics)`, compiled once per batch shape (token bucket)."""
+    """`step(state, frozen, batch) -> (state, metrics)`, compiled once per batch shape (token bucket).
+
+    `image_groups`: the aligned blocks the global batch is packed in (`mesh.image_groups`), which
+    keeps each conversation's image gather on its own device.
+    """
     schedule = warmup_decay_schedule(cfg.optim)
 
     def step(state: TrainState, frozen: nnx.State, batch: dict) -> tuple[TrainState, dict]:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the model's activation constraints
-            (loss, metrics, rngs), grads = loss_and_grads(layout.graphdef, state, frozen, batch, cfg)
+            (loss, metrics, rngs), grads = loss_and_grads(layout.graphdef, state, frozen, batch, cfg, image_groups)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

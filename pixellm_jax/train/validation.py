@@ -29,13 +29,14 @@ from pixellm_jax.train.mesh import global_batch
 from pixellm_jax.train.state import StateLayout, TrainState
 
 
-def make_eval_step(layout: StateLayout, cfg: Config, mesh: Mesh, batch_shardings: dict):
+def make_eval_step(layout: StateLayout, cfg: Config, mesh: Mesh, batch_shardings: dict, image_groups: int = 1):
     """`eval_step(params, rngs, frozen, batch) -> (sums, predicted masks [Q, M, C, C] bool)`."""
 
     def step(params, rngs, frozen, batch):
         model = nnx.merge(layout.graphdef, params, rngs, frozen, copy=True)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            loss, metrics, out = pixellm_objective(model, batch, cfg.loss, deterministic=True)
+            loss, metrics, out = pixellm_objective(model, batch, cfg.loss, deterministic=True,
+                                                   image_groups=image_groups)
         q, m = out.mask_logits.shape[:2]
         targets = batch["masks"]
         image = jnp.repeat(batch["conv_image"], m)

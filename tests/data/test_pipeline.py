@@ -285,3 +285,28 @@ def test_worker_processes_give_the_same_batches(tok):
                              process_index=0, process_count=1)
 
     _assert_same(_take(iter(make(1)), 3), _take(iter(make(0)), 3))
+
+
+
+def test_groups_keep_each_conversation_in_its_images_block(tok):
+    """groups=2: images 0-1 own slots 0-2, images 2-3 slots 3-5; overflow is dropped per block."""
+    src = SyntheticShapes(num_samples=40, questions_per_image=3)
+    grouped = InputPipeline([src], tok, _cfg(images_per_batch=4, conversations_per_batch=6, groups=2),
+                            process_index=0, process_count=1)
+    plain = InputPipeline([src], tok, _cfg(images_per_batch=4, conversations_per_batch=6),
+                          process_index=0, process_count=1)
+    block, starved = np.arange(6) // 3, []
+    for b, u in zip(_take(iter(grouped), 6), _take(iter(plain), 6)):
+        np.testing.assert_array_equal(b["pixels"], u["pixels"])  # the same images in the same rows
+        assert (b["conv_image"] // 2 == block).all()  # padding rows too (their block's first image)
+        for g in range(2):  # every block gets conversations about its own images
+            assert b["conv_valid"][block == g].any()
+        # its first slot is the first conversation of the block's first image, as packed without groups
+        first = int(np.argmax(u["conv_image"] == 2))
+        if u["conv_valid"][first] and u["conv_image"][first] == 2:
+            np.testing.assert_array_equal(b["input_ids"][3], u["input_ids"][first])
+        starved.append(not (u["conv_valid"] & (u["conv_image"] >= 2)).any())
+    # without groups the first images may fill every slot and leave images 2-3 none; with groups never
+    assert any(starved) and grouped.stats.dropped["batch_full"] > 0
+    with pytest.raises(ValueError, match=r"groups \(4\) must divide images_per_batch \(2\)"):
+        _cfg(groups=4).validate()

@@ -7,7 +7,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pixellm_jax.config import MeshConfig, load_config
 from pixellm_jax.describe import random_batch
-from pixellm_jax.train.mesh import batch_shardings, global_batch, make_mesh
+from pixellm_jax.train.mesh import batch_shardings, global_batch, local_batch_groups, make_mesh
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.state import init_state, state_layout
 from pixellm_jax.train.step import loss_and_grads, make_train_step
@@ -29,21 +29,27 @@ def setup():
     return cfg, tx, state, frozen, batch, reference
 
 
-def _loss_and_grads(cfg, tx, mesh, state, frozen, batch):
+def _loss_and_grads(cfg, tx, mesh, state, frozen, batch, image_groups=1):
     layout = state_layout(cfg, mesh, tx)
     state = jax.device_put(state, layout.state_shardings)
     frozen = jax.device_put(frozen, layout.frozen_shardings)
     placed = global_batch(batch, batch_shardings(mesh, ROWS, ROWS))
-    fn = jax.jit(lambda s, f, b: loss_and_grads(layout.graphdef, s, f, b, cfg))
+    fn = jax.jit(lambda s, f, b: loss_and_grads(layout.graphdef, s, f, b, cfg, image_groups))
     (loss, metrics, _), grads = fn(state, frozen, placed)
     return loss, metrics, grads
 
 
-@pytest.mark.parametrize("name", list(MESHES))
-def test_loss_and_gradients_equal_the_single_device_run(setup, name):
+# (mesh, image groups): the batch (conversation j about image j) is aligned to any block count; the
+# trainer packs one block per device of the batch split (8 for fsdp8, 4 for data2 x fsdp2).
+CASES = [("fsdp8", 1), ("fsdp8", 8), ("data2_fsdp2_tensor2", 4)]
+
+
+@pytest.mark.parametrize("name,image_groups", CASES)
+def test_loss_and_gradients_equal_the_single_device_run(setup, name, image_groups):
     cfg, tx, state, frozen, batch, (loss1, metrics1, grads1) = setup
     mesh = make_mesh(MESHES[name])
-    loss, metrics, grads = _loss_and_grads(cfg, tx, mesh, state, frozen, batch)
+    assert local_batch_groups(mesh, ROWS, ROWS) == max(g for n, g in CASES if n == name)
+    loss, metrics, grads = _loss_and_grads(cfg, tx, mesh, state, frozen, batch, image_groups)
     assert float(metrics1["num_masks"]) == ROWS and float(metrics1["dice"]) > 0  # the mask terms are live
     np.testing.assert_allclose(float(loss), float(loss1), rtol=1e-5)
     for k in ("ce", "bce", "dice"):
