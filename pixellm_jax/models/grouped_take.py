@@ -10,10 +10,12 @@ its own block), so the gather is done per block, batched over the block axis, wh
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from pixellm_jax.sharding import constrain
+from pixellm_jax.sharding import constrain, logical_spec
 
 
 def take_in_groups(x: jax.Array, index: jax.Array, groups: int = 1) -> jax.Array:
@@ -29,7 +31,18 @@ def take_in_groups(x: jax.Array, index: jax.Array, groups: int = 1) -> jax.Array
     if rows % groups or n % groups:
         raise ValueError(f"{rows} rows and {n} indices do not split into {groups} equal groups")
     per = rows // groups
-    blocks = constrain(x.reshape(groups, per, *x.shape[1:]), ("batch",))
+    blocks = _blocks_on_batch_axes(x.reshape(groups, per, *x.shape[1:]))
     local = index.reshape(groups, n // groups) - (jnp.arange(groups, dtype=index.dtype) * per)[:, None]
-    out = jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0, mode="clip"))(blocks, constrain(local, ("batch",)))
-    return constrain(out, ("batch",)).reshape(n, *x.shape[1:])
+    out = jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0, mode="clip"))(blocks, _blocks_on_batch_axes(local))
+    return _blocks_on_batch_axes(out).reshape(n, *x.shape[1:])
+
+
+def _blocks_on_batch_axes(x: jax.Array) -> jax.Array:
+    """Blocks [G, ...] split over the batch's mesh axes when G divides by them (else left to XLA:
+    `constrain` would replicate them)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = logical_spec(("batch",))[0]
+    split = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes) if a in mesh.shape)
+    return constrain(x, ("batch",)) if x.shape[0] % split == 0 else x

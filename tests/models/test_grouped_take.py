@@ -57,3 +57,17 @@ def test_sharded_batch_gathers_without_collectives():
     assert "all-gather" in plain or "all-reduce" in plain  # the reason this module exists
     assert "all-gather" not in grouped and "all-reduce" not in grouped and "all-to-all" not in grouped
     np.testing.assert_array_equal(np.asarray(grouped_out), np.asarray(plain_out))
+
+
+def test_fewer_groups_than_devices_are_not_forced_onto_one_device():
+    """2 blocks on 8 devices (e.g. 2 processes of 4): not constrained to a replicated layout."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    x = jax.device_put(np.arange(16 * 32, dtype=np.float32).reshape(16, 32), rows)
+    index = _aligned_index(np.random.default_rng(3), 16, 48, 2)
+    fn = jax.jit(lambda x, i: take_in_groups(x, i, 2), out_shardings=rows)
+    with jax.set_mesh(mesh):
+        text = fn.lower(x, jax.device_put(index, rows)).as_text()
+        out = fn(x, jax.device_put(index, rows))
+    assert "sharding_constraint" not in text  # a constraint here could only say "replicated"
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x)[index])
