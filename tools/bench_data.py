@@ -74,7 +74,7 @@ def step_rate(cfg, tok, steps: int) -> dict:
 
     from pixellm_jax.data.pipeline import PipelineConfig
     from pixellm_jax.train.data import training_pipeline
-    from pixellm_jax.train.mesh import batch_shardings, global_batch, image_groups, local_batch_groups, make_mesh
+    from pixellm_jax.train.mesh import batch_groups, batch_shardings, global_batch, make_mesh
     from pixellm_jax.train.optimizer import make_optimizer
     from pixellm_jax.train.state import init_state
     from pixellm_jax.train.step import make_train_step
@@ -84,9 +84,9 @@ def step_rate(cfg, tok, steps: int) -> dict:
     tx = make_optimizer(cfg.optim)
     layout, state, frozen = init_state(cfg, mesh, tx)
     shardings = batch_shardings(mesh, pc.images_per_batch, pc.conversations_per_batch)
-    groups = local_batch_groups(mesh, pc.images_per_batch, pc.conversations_per_batch)  # as the trainer
-    step = make_train_step(layout, cfg, tx, mesh, shardings, image_groups(mesh, groups))
-    it = iter(training_pipeline(cfg, tok, groups))
+    local_groups, groups = batch_groups(mesh, pc.images_per_batch, pc.conversations_per_batch)  # as the trainer
+    step = make_train_step(layout, cfg, tx, mesh, shardings, groups)
+    it = iter(training_pipeline(cfg, tok, local_groups))
     batches = [global_batch(next(it), shardings) for _ in range(steps + 1)]
     start = time.perf_counter()
     compiled = step.lower(state, frozen, batches[0]).compile()

@@ -168,7 +168,7 @@ def plan_step(cfg, mesh_cfg, *, images_per_group: int = 2, convs_per_group: int 
     state = abstract_with_shardings(layout.abstract_state, layout.state_shardings)
     frozen = abstract_with_shardings(layout.abstract_frozen, layout.frozen_shardings)
     batch = abstract_batch(cfg, mesh, images, conversations, text_len)
-    # The trainer's pipeline packs one block per device (`mesh.local_batch_groups`): gathers stay local.
+    # The trainer's pipeline packs one block per device (`mesh.batch_groups`): gathers stay local.
     step = make_train_step(layout, cfg, tx, mesh, {k: v.sharding for k, v in batch.items()}, image_groups=groups)
     with jax.set_mesh(mesh):  # activation constraints (`sharding.constrain`) need the mesh in context
         lowered = step.lower(state, frozen, batch)

@@ -93,8 +93,8 @@ class PipelineConfig:
     groups: int = 1  # aligned blocks per batch, each conversation in its image's block (one per device)
 
     @classmethod
-    def from_config(cls, cfg) -> "PipelineConfig":
-        """The pipeline knobs of a project `Config` (data, model shapes, seed, batch size)."""
+    def from_config(cls, cfg, groups: int = 1) -> "PipelineConfig":
+        """The pipeline knobs of a project `Config` (data, model shapes, seed, batch size), in `groups` blocks."""
         d, m = cfg.data, cfg.model
         return cls(
             images_per_batch=cfg.optim.micro_batch_size, conversations_per_batch=d.conversations_per_batch,
@@ -104,6 +104,7 @@ class PipelineConfig:
             use_im_start_end=d.use_im_start_end, seed=cfg.seed, epoch_size=d.epoch_size, num_epochs=d.num_epochs,
             drop_remainder=d.drop_remainder, num_workers=d.num_workers, worker_buffer_size=d.worker_buffer_size,
             read_threads=d.read_threads, prefetch_buffer_size=d.prefetch_buffer_size, on_bad_sample=d.on_bad_sample,
+            groups=groups,
         )
 
     @property

@@ -124,14 +124,14 @@ def training_sources(cfg: Config) -> tuple[list[Source], list[float]]:
 
 
 def training_pipeline(cfg: Config, tok: LegacyTokenizer, groups: int = 1) -> InputPipeline:
-    """This process's training batches, packed in `groups` blocks (`mesh.local_batch_groups`)."""
+    """This process's training batches, packed in `groups` blocks (`mesh.batch_groups`)."""
     sources, rates = training_sources(cfg)
-    return InputPipeline(sources, tok, dataclasses.replace(PipelineConfig.from_config(cfg), groups=groups), rates)
+    return InputPipeline(sources, tok, PipelineConfig.from_config(cfg, groups), rates)
 
 
 def eval_pipeline(cfg: Config, tok: LegacyTokenizer, groups: int = 1) -> InputPipeline:
     """`train.eval_batches` held-out synthetic batches per process (one pass, no shuffling across passes)."""
-    pc = dataclasses.replace(PipelineConfig.from_config(cfg), groups=groups)
+    pc = PipelineConfig.from_config(cfg, groups)
     count = cfg.train.eval_batches * pc.images_per_batch
     source = SyntheticShapes(num_samples=count * jax.process_count(), seed=cfg.seed + EVAL_SEED_OFFSET,
                              max_targets=cfg.model.head.max_targets)

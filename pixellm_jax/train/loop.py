@@ -35,7 +35,7 @@ from pixellm_jax.data.pipeline import PipelineConfig
 from pixellm_jax.train import distributed
 from pixellm_jax.train.checkpoint import Checkpointer, write_model
 from pixellm_jax.train.data import eval_pipeline, load_tokenizer, training_pipeline, with_tokenizer_ids
-from pixellm_jax.train.mesh import batch_shardings, global_batch, image_groups, local_batch_groups, make_mesh
+from pixellm_jax.train.mesh import batch_groups, batch_shardings, global_batch, make_mesh
 from pixellm_jax.train.metrics import MetricsWriter, peak_flops, step_flops
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.preemption import PreemptionWatch
@@ -88,8 +88,7 @@ class Trainer:
         self.shardings = batch_shardings(self.mesh, pc.images_per_batch * processes,
                                          pc.conversations_per_batch * processes)
         # Batches packed in one block per device, so each conversation's image is on its device.
-        local_groups = local_batch_groups(self.mesh, pc.images_per_batch, pc.conversations_per_batch)
-        groups = image_groups(self.mesh, local_groups)
+        local_groups, groups = batch_groups(self.mesh, pc.images_per_batch, pc.conversations_per_batch)
         self.train_step = make_train_step(self.layout, cfg, self.tx, self.mesh, self.shardings, groups)
         self.pipeline = training_pipeline(cfg, tokenizer, local_groups)
         self.iterator = iter(self.pipeline)

@@ -56,21 +56,20 @@ def batch_parallelism(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def local_batch_groups(mesh: Mesh, images: int, conversations: int) -> int:
-    """Blocks a process packs its batch of `images` / `conversations` in: one per device of its share.
+def batch_groups(mesh: Mesh, images: int, conversations: int) -> tuple[int, int]:
+    """(blocks per process, blocks of the global batch) for per-process batches of `images` / `conversations`.
 
-    Each block holds its images and the conversations about them (`PipelineConfig.groups`), so the
-    per-conversation image gather stays on the device (`models.grouped_take`). 1 when the share
-    does not split evenly.
+    A process packs its batch in one block per device of its share, each block holding its images and
+    the conversations about them (`PipelineConfig.groups`), so the per-conversation image gather stays
+    on the device (`models.grouped_take`); processes stack their blocks. (1, 1) when the batch split
+    is not a whole number of devices per process; 1 block per process when its share does not split evenly.
     """
     parallel, processes = batch_parallelism(mesh), jax.process_count()
-    local = parallel // processes if parallel % processes == 0 else 1
-    return local if images % local == 0 and conversations % local == 0 else 1
-
-
-def image_groups(mesh: Mesh, local_groups: int) -> int:
-    """Blocks of the global batch when every process packs `local_groups` (processes stack theirs)."""
-    return local_groups * jax.process_count() if batch_parallelism(mesh) % jax.process_count() == 0 else 1
+    if parallel % processes:
+        return 1, 1
+    local = parallel // processes
+    local = local if images % local == 0 and conversations % local == 0 else 1
+    return local, local * processes
 
 
 def batch_sharding(mesh: Mesh, rows: int) -> NamedSharding:

@@ -47,7 +47,7 @@ def make_train_step(
 ) -> StepFn:
     """`step(state, frozen, batch) -> (state, metrics)`, compiled once per batch shape (token bucket).
 
-    `image_groups`: the aligned blocks the global batch is packed in (`mesh.image_groups`), which
+    `image_groups`: the aligned blocks the global batch is packed in (`mesh.batch_groups`), which
     keeps each conversation's image gather on its own device.
     """
     schedule = warmup_decay_schedule(cfg.optim)

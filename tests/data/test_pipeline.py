@@ -287,7 +287,6 @@ def test_worker_processes_give_the_same_batches(tok):
     _assert_same(_take(iter(make(1)), 3), _take(iter(make(0)), 3))
 
 
-
 def test_groups_keep_each_conversation_in_its_images_block(tok):
     """groups=2: images 0-1 own slots 0-2, images 2-3 slots 3-5; overflow is dropped per block."""
     src = SyntheticShapes(num_samples=40, questions_per_image=3)
