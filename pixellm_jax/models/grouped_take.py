@@ -38,8 +38,8 @@ def take_in_groups(x: jax.Array, index: jax.Array, groups: int = 1) -> jax.Array
 
 
 def _blocks_on_batch_axes(x: jax.Array) -> jax.Array:
-    """Blocks [G, ...] split over the batch's mesh axes when G divides by them (else left to XLA:
-    `constrain` would replicate them)."""
+    """Blocks [G, ...] split over the batch's mesh axes when G divides by them. Otherwise a block
+    spans devices and nothing is constrained (keeping a block's rows whole would all-gather them)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x

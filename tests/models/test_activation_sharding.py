@@ -78,7 +78,9 @@ def test_constrained_forward_is_the_same_function(mesh, model_and_ids):
     np.testing.assert_allclose(np.asarray(meshed), np.asarray(plain), atol=1e-6)
 
 
-def test_constrain_drops_axes_that_do_not_divide(mesh):
+def test_constrain_leaves_dimensions_it_cannot_divide_to_xla(mesh):
+    """A dimension its mesh axes do not divide is unconstrained, not replicated (which would gather it)."""
+
     def spec_of(x, axes):
         with jax.set_mesh(mesh):
             text = str(jax.make_jaxpr(lambda a: constrain(a, axes))(x))
@@ -86,6 +88,10 @@ def test_constrain_drops_axes_that_do_not_divide(mesh):
 
     assert spec_of(jnp.zeros((4, 3, 6)), ("batch", "length", "act_heads")) == [
         str(P(("data", "fsdp"), None, "tensor"))]
-    assert spec_of(jnp.zeros((3, 3, 5)), ("batch", "length", "act_heads")) == [str(P(None, None, None))]
+    assert spec_of(jnp.zeros((3, 3, 6)), ("batch", "length", "act_heads")) == [
+        str(P(P.UNCONSTRAINED, None, "tensor"))]
+    assert spec_of(jnp.zeros((3, 3, 5)), ("batch", None, "act_heads")) == [
+        str(P(P.UNCONSTRAINED, None, P.UNCONSTRAINED))]
+    assert spec_of(jnp.zeros((3, 5)), ("batch", "act_heads")) == []  # nothing left to constrain
     x = jnp.ones((3, 5))
     assert constrain(x, ("batch", "length")) is x  # no mesh in context: untouched
