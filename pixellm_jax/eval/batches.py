@@ -3,7 +3,10 @@
 Unlike the training pipeline nothing is shuffled, dropped or resized: each conversation of a sample
 becomes one row (an `EvalItem`), with its ground-truth masks kept on the host at the image's
 original resolution. Rows are packed `rows` at a time over at most `images` images (a sample with
-more conversations than fit continues in the next batch, its image encoded again). Shapes:
+more conversations than fit continues in the next batch, its image encoded again). With `groups` > 1
+(one per local device) a batch is `groups` such blocks of `images / groups` images and
+`rows / groups` rows, each row's image in its own block, so a sharded batch gathers image features
+per device (`models/grouped_take.py`). Shapes:
 
   pixels [images, S, S, 3] f32, resized_hw / original_hw [images, 2] i32,
   input_ids [rows, T] i32 (one IMAGE_TOKEN, right-padded with pad_id), attention_mask [rows, T] bool,
@@ -12,7 +15,7 @@ more conversations than fit continues in the next batch, its image encoded again
 T is the smallest `token_buckets` entry that fits the longest row (or the next multiple of 64), and
 `out_hw`, the canvas the masks are post-processed onto, is the largest original height and width
 rounded up to `canvas_step`; so a run compiles once per (T, out_hw) bucket. Padding rows and images
-copy row / image 0 (finite, ignored). Each sample is read with rng = default_rng([seed, index]), so
+copy the first row / image of their block (of the batch, for an empty block; finite, ignored). Each sample is read with rng = default_rng([seed, index]), so
 its questions (templates drawn at random) do not depend on batching or on the number of processes.
 
 Protocols: "teacher_forced" rows hold the whole conversation with its reference answer (official
@@ -53,14 +56,21 @@ class EvalItem:
 @dataclass
 class EvalBatch:
     arrays: dict[str, np.ndarray]  # the schema in the module doc
-    items: list[EvalItem]  # rows 0 .. len(items) − 1; the rest are padding
+    items: list[EvalItem]  # in stream order
     out_hw: tuple[int, int]
+    rows: list[int]  # the row of each item; every other row is padding
+    groups: int = 1  # blocks (see the module doc)
+
+    def placed(self) -> Iterator[tuple[int, EvalItem]]:
+        """(row, item) for every item, in stream order."""
+        return zip(self.rows, self.items)
 
 
 @dataclass(frozen=True)
 class BatchShape:
     images: int = 8  # images per batch (this process)
     rows: int = 8  # conversation rows per batch (this process)
+    groups: int = 1  # blocks per batch, each row's image in its row's block (one per local device)
     image_size: int = 448
     normalization: Normalization = "official"
     token_buckets: tuple[int, ...] = (64, 128, 257)
@@ -96,30 +106,44 @@ def sample_items(
     return sample.image, items
 
 
+Block = tuple[list[np.ndarray], list[tuple[int, EvalItem]]]  # images, (image slot, item) rows
+
+
 def pack(
     stream: Iterator[tuple[np.ndarray, list[EvalItem]]], shape: BatchShape, pad_id: int
 ) -> Iterator[EvalBatch]:
-    """Pack (image, items) pairs into batches (see module doc)."""
+    """Pack (image, items) pairs into batches of `shape.groups` blocks (see module doc)."""
+    if shape.images % shape.groups or shape.rows % shape.groups:
+        raise ValueError(f"{shape.images} images and {shape.rows} rows per batch do not split into "
+                         f"{shape.groups} blocks")
+    per_images, per_rows = shape.images // shape.groups, shape.rows // shape.groups
+    done: list[Block] = []
     images: list[np.ndarray] = []
     rows: list[tuple[int, EvalItem]] = []
     for image, items in stream:
         slot = None
         for item in items:
-            if len(rows) == shape.rows or (slot is None and len(images) == shape.images):
-                yield collate(images, rows, shape, pad_id)
+            if len(rows) == per_rows or (slot is None and len(images) == per_images):
+                done.append((images, rows))
                 images, rows, slot = [], [], None
+                if len(done) == shape.groups:
+                    yield collate(done, shape, pad_id)
+                    done = []
             if slot is None:
                 images.append(image)
                 slot = len(images) - 1
             rows.append((slot, item))
     if rows:
-        yield collate(images, rows, shape, pad_id)
+        done.append((images, rows))
+    if done:
+        yield collate(done, shape, pad_id)
 
 
-def collate(images: list[np.ndarray], rows: list[tuple[int, EvalItem]], shape: BatchShape, pad_id: int) -> EvalBatch:
-    """Fixed-shape arrays for up to `shape.images` images and `shape.rows` rows."""
+def collate(blocks: Sequence[Block], shape: BatchShape, pad_id: int) -> EvalBatch:
+    """Fixed-shape arrays for up to `shape.groups` blocks of images and rows (missing blocks are padding)."""
     s = shape.image_size
-    t = token_bucket(max(len(item.input_ids) for _, item in rows), shape.token_buckets)
+    per_images, per_rows = shape.images // shape.groups, shape.rows // shape.groups
+    t = token_bucket(max(len(item.input_ids) for _, rows in blocks for _, item in rows), shape.token_buckets)
     arrays = {
         "pixels": np.zeros((shape.images, s, s, 3), np.float32),
         "resized_hw": np.zeros((shape.images, 2), np.int32),
@@ -129,24 +153,31 @@ def collate(images: list[np.ndarray], rows: list[tuple[int, EvalItem]], shape: B
         "conv_image": np.zeros((shape.rows,), np.int32),
         "conv_valid": np.zeros((shape.rows,), bool),
     }
-    for i, image in enumerate(images):
-        prepared = preprocess_image(image, s, shape.normalization)
-        arrays["pixels"][i] = prepared.pixels
-        arrays["resized_hw"][i] = prepared.resized_hw
-        arrays["original_hw"][i] = prepared.original_hw
-    for j, (slot, item) in enumerate(rows):
-        n = len(item.input_ids)
-        arrays["input_ids"][j, :n] = item.input_ids
-        arrays["attention_mask"][j, :n] = True
-        arrays["conv_image"][j] = slot
-        arrays["conv_valid"][j] = True
-    for key in ("pixels", "resized_hw", "original_hw"):
-        arrays[key][len(images):] = arrays[key][0]
-    for key in ("input_ids", "attention_mask", "conv_image"):
-        arrays[key][len(rows):] = arrays[key][0]
+    items, placed = [], []
+    for g in range(shape.groups):
+        images, rows = blocks[g] if g < len(blocks) else ([], [])
+        i0, r0 = g * per_images, g * per_rows
+        for i, image in enumerate(images):
+            prepared = preprocess_image(image, s, shape.normalization)
+            arrays["pixels"][i0 + i] = prepared.pixels
+            arrays["resized_hw"][i0 + i] = prepared.resized_hw
+            arrays["original_hw"][i0 + i] = prepared.original_hw
+        for key in ("pixels", "resized_hw", "original_hw"):  # an empty block copies the batch's first image
+            arrays[key][i0 + len(images): i0 + per_images] = arrays[key][i0 if images else 0]
+        for j, (slot, item) in enumerate(rows):
+            n = len(item.input_ids)
+            arrays["input_ids"][r0 + j, :n] = item.input_ids
+            arrays["attention_mask"][r0 + j, :n] = True
+            arrays["conv_image"][r0 + j] = i0 + slot
+            arrays["conv_valid"][r0 + j] = True
+            items.append(item)
+            placed.append(r0 + j)
+        for key in ("input_ids", "attention_mask"):
+            arrays[key][r0 + len(rows): r0 + per_rows] = arrays[key][r0 if rows else 0]
+        arrays["conv_image"][r0 + len(rows): r0 + per_rows] = i0
     hw = arrays["original_hw"].max(axis=0)
     out_hw = (round_up(hw[0], shape.canvas_step), round_up(hw[1], shape.canvas_step))
-    return EvalBatch(arrays, [item for _, item in rows], out_hw)
+    return EvalBatch(arrays, items, out_hw, placed, shape.groups)
 
 
 def eval_batches(

@@ -30,7 +30,7 @@ def batch_shape(loaded: Loaded, runner: BatchRunner, args: argparse.Namespace) -
         images=-(-args.images_per_batch // n) * n, rows=-(-args.rows_per_batch // n) * n,
         image_size=cfg.model.vision.image_size, normalization=cfg.data.normalization,
         token_buckets=tuple(cfg.data.token_buckets), canvas_step=args.canvas_step,
-        use_im_start_end=cfg.data.use_im_start_end,
+        use_im_start_end=cfg.data.use_im_start_end, groups=n,
     )
 
 

@@ -105,7 +105,7 @@ def evaluate_split(
     bar = tqdm(total=share, desc=split.name, unit="sample", disable=not progress)
     open_image = None
     for batch, out in _row_batches(runner, tok, split, settings, skipped, bar):
-        for j, item in enumerate(batch.items):
+        for j, item in batch.placed():
             num_pred = int(min(out["num_targets"][j], cfg.max_targets))
             logits = out["mask_logits"][j, :num_pred, : item.gt.shape[1], : item.gt.shape[2]]
             record = {"split": split.name, "sample_id": item.sample_id, "conversation": item.conversation,

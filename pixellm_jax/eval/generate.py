@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixellm_jax.models.codebook import SegGather
+from pixellm_jax.models.grouped_take import take_in_groups
 from pixellm_jax.models.multimodal import splice_image_tokens
 from pixellm_jax.models.pixellm import ImageFeatures, PixelLM
 
@@ -92,11 +93,13 @@ def generate_tokens(
     pad_id: int,
     sampling: SamplingConfig,
     key: jax.Array | None = None,
+    image_groups: int = 1,
 ) -> Generation:
     """Generate up to `sampling.max_new_tokens` tokens per prompt row with the LLM's KV cache.
 
     input_ids / attention_mask [Q, T]: right-padded prompts with one image sentinel each; conv_image
-    [Q]: the image row of `images` each prompt is about. `key` is needed only when sampling.
+    [Q]: the image row of `images` each prompt is about (within blocks: `image_groups`, see
+    `grouped_take`). `key` is needed only when sampling.
     """
     llm = model.llm
     q, t = input_ids.shape
@@ -106,7 +109,8 @@ def generate_tokens(
         key = jax.random.key(0)
     spliced = splice_image_tokens(
         llm.embed(jnp.maximum(input_ids, 0)), input_ids, attention_mask,
-        jnp.take(images.llm_tokens, conv_image, axis=0), jnp.take(images.llm_mask, conv_image, axis=0),
+        take_in_groups(images.llm_tokens, conv_image, image_groups),
+        take_in_groups(images.llm_mask, conv_image, image_groups),
     )
     cache = llm.init_cache(q, t + n_img - 1 + max_new)
     prefill = llm(input_embeds=spliced.embeds, attention_mask=spliced.attention_mask, cache=cache)
@@ -147,7 +151,8 @@ def generate_tokens(
 
 
 def generated_masks(
-    model: PixelLM, images: ImageFeatures, generation: Generation, conv_image: jax.Array, pad_id: int
+    model: PixelLM, images: ImageFeatures, generation: Generation, conv_image: jax.Array, pad_id: int,
+    image_groups: int = 1,
 ) -> tuple[jax.Array, SegGather]:
     """Mask logits [Q, M, h, w] of the codebook groups in the generated tokens, one decoder call.
 
@@ -157,7 +162,7 @@ def generated_masks(
     q = generation.tokens.shape[0]
     ids = jnp.concatenate([jnp.full((q, 1), pad_id, jnp.int32), generation.tokens], axis=1)
     hidden = jnp.concatenate([generation.hidden, jnp.zeros_like(generation.hidden[:, :1])], axis=1)
-    return model.decode_masks(images, hidden, ids, conv_image)
+    return model.decode_masks(images, hidden, ids, conv_image, image_groups)
 
 
 def generate(
@@ -172,10 +177,11 @@ def generate(
     pad_id: int,
     sampling: SamplingConfig = SamplingConfig(),
     key: jax.Array | None = None,
+    image_groups: int = 1,
 ) -> GenerateOutput:
     """Answers and their masks for prompt rows about images [B, S, S, 3] (see `generate_tokens`)."""
     images = model.encode_images(pixels, resized_hw)
     gen = generate_tokens(model, images, input_ids, attention_mask, conv_image, eos_id=eos_id, pad_id=pad_id,
-                          sampling=sampling, key=key)
-    masks, seg = generated_masks(model, images, gen, conv_image, pad_id)
+                          sampling=sampling, key=key, image_groups=image_groups)
+    masks, seg = generated_masks(model, images, gen, conv_image, pad_id, image_groups)
     return GenerateOutput(gen.tokens, gen.lengths, masks, seg)

@@ -75,7 +75,7 @@ def predict(
 
     for step, batch in enumerate(pack(stream(), shape, tok.pad_id)):
         out = runner.generate(batch, sampling, tok.eos_id, tok.pad_id, sampling_key(seed, step))
-        for j, item in enumerate(batch.items):
+        for j, item in batch.placed():
             answer, _ = numbered_answer(decode, out["tokens"][j, : out["lengths"][j]],
                                         head.seg_ids(runner.cfg.text.vocab_size), head.num_seg_tokens, tok.eos_id)
             n = int(min(out["num_targets"][j], head.max_targets))

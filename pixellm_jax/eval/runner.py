@@ -5,6 +5,8 @@ The model's state is replicated on every device; each batch array is sharded alo
 same way. Each process passes its own rows (`host_local_array_to_global_array`) and gets its own
 rows back, so a multi-host run is the union of per-process runs, and a run on N devices computes
 the same rows as one device does. Batch sizes per process must be multiples of its device count.
+A batch packed in blocks (`BatchShape.groups`, one per local device) gathers each row's image
+features on its own device: the steps get the global block count, `groups` × processes.
 
 Programs are compiled once per batch shape: (rows, T, out_hw) for the teacher-forced forward, plus
 the sampling settings for generation.
@@ -12,6 +14,7 @@ the sampling settings for generation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -38,21 +41,22 @@ def _rows(tree: dict, mesh: Mesh) -> dict:
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, ROWS)), tree)
 
 
-@functools.partial(nnx.jit, static_argnames=("out_hw", "mesh"))
-def _teacher_forced_step(model: PixelLM, arrays: dict, out_hw: tuple[int, int], mesh: Mesh) -> dict:
-    return _rows(teacher_forced_outputs(model, arrays, out_hw), mesh)
+@functools.partial(nnx.jit, static_argnames=("out_hw", "mesh", "image_groups"))
+def _teacher_forced_step(model: PixelLM, arrays: dict, out_hw: tuple[int, int], mesh: Mesh, image_groups: int) -> dict:
+    return _rows(teacher_forced_outputs(model, arrays, out_hw, image_groups), mesh)
 
 
-@functools.partial(nnx.jit, static_argnames=("out_hw", "sampling", "eos_id", "pad_id", "mesh"))
+@functools.partial(nnx.jit, static_argnames=("out_hw", "sampling", "eos_id", "pad_id", "mesh", "image_groups"))
 def _generate_step(model: PixelLM, arrays: dict, key: jax.Array, out_hw: tuple[int, int], sampling: SamplingConfig,
-                   eos_id: int, pad_id: int, mesh: Mesh) -> dict:
+                   eos_id: int, pad_id: int, mesh: Mesh, image_groups: int) -> dict:
     out = generate(model, arrays["pixels"], arrays["resized_hw"], arrays["input_ids"], arrays["attention_mask"],
-                   arrays["conv_image"], eos_id=eos_id, pad_id=pad_id, sampling=sampling, key=key)
+                   arrays["conv_image"], eos_id=eos_id, pad_id=pad_id, sampling=sampling, key=key,
+                   image_groups=image_groups)
     return _rows({
         "tokens": out.tokens,
         "lengths": out.lengths,
-        "mask_logits": mask_canvas(out.mask_logits, arrays["resized_hw"], arrays["original_hw"], arrays["conv_image"],
-                                   out_hw, model.cfg.vision.image_size),
+        "mask_logits": mask_canvas(out.mask_logits, arrays["resized_hw"], arrays["original_hw"],
+                                   arrays["conv_image"], out_hw, model.cfg.vision.image_size, image_groups),
         "num_targets": out.seg.num_targets,
         "malformed": out.seg.malformed,
         "overflow": out.seg.overflow,
@@ -92,14 +96,18 @@ class BatchRunner:
 
     def teacher_forced(self, batch: EvalBatch) -> dict[str, np.ndarray]:
         """This process's rows of the teacher-forced outputs (mask_logits [rows, M, H, W], ...)."""
-        return self._local(_teacher_forced_step(self.model, self._global(batch.arrays), batch.out_hw, self.mesh))
+        with jax.set_mesh(self.mesh):  # the model's sharding constraints apply
+            out = _teacher_forced_step(self.model, self._global(batch.arrays), batch.out_hw, self.mesh,
+                                       batch.groups * jax.process_count())
+        return self._local(out)
 
     def generate(self, batch: EvalBatch, sampling: SamplingConfig, eos_id: int, pad_id: int,
                  key: jax.Array) -> dict[str, np.ndarray]:
         """This process's rows of the generation outputs (tokens, lengths, mask_logits, ...)."""
         key = jax.device_put(key, NamedSharding(self.mesh, PartitionSpec()))
-        out = _generate_step(self.model, self._global(batch.arrays), key, batch.out_hw, sampling, int(eos_id),
-                             int(pad_id), self.mesh)
+        with jax.set_mesh(self.mesh):
+            out = _generate_step(self.model, self._global(batch.arrays), key, batch.out_hw, sampling, int(eos_id),
+                                 int(pad_id), self.mesh, batch.groups * jax.process_count())
         return self._local(out)
 
 
@@ -113,7 +121,7 @@ def agree_on_shapes(batch: EvalBatch, pad_id: int) -> EvalBatch:
     extra = t - arrays["input_ids"].shape[1]
     arrays["input_ids"] = np.pad(arrays["input_ids"], ((0, 0), (0, extra)), constant_values=pad_id)
     arrays["attention_mask"] = np.pad(arrays["attention_mask"], ((0, 0), (0, extra)))
-    return EvalBatch(arrays, batch.items, (h, w))
+    return dataclasses.replace(batch, arrays=arrays, out_hw=(h, w))
 
 
 def any_process(flag: bool) -> bool:
@@ -140,6 +148,8 @@ def idle_batch(shape: BatchShape, pad_id: int) -> EvalBatch:
         "resized_hw": np.full((shape.images, 2), s, np.int32),
         "original_hw": np.ones((shape.images, 2), np.int32),
         "input_ids": ids, "attention_mask": mask,
-        "conv_image": np.zeros((shape.rows,), np.int32), "conv_valid": np.zeros((shape.rows,), bool),
+        "conv_image": np.repeat(np.arange(shape.groups, dtype=np.int32) * (shape.images // shape.groups),
+                                shape.rows // shape.groups),
+        "conv_valid": np.zeros((shape.rows,), bool),
     }
-    return EvalBatch(arrays, [], (shape.canvas_step, shape.canvas_step))
+    return EvalBatch(arrays, [], (shape.canvas_step, shape.canvas_step), [], shape.groups)

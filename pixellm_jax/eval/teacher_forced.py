@@ -15,30 +15,34 @@ import jax
 import numpy as np
 
 from pixellm_jax.eval.metrics import ReferringMeter, intersection_union
+from pixellm_jax.models.grouped_take import take_in_groups
 from pixellm_jax.models.pixellm import PixelLM
 from pixellm_jax.postprocess import postprocess_masks
 
 
 def mask_canvas(
     mask_logits: jax.Array, resized_hw: jax.Array, original_hw: jax.Array, conv_image: jax.Array,
-    out_hw: tuple[int, int], image_size: int,
+    out_hw: tuple[int, int], image_size: int, image_groups: int = 1,
 ) -> jax.Array:
     """Decoder logits [Q, M, h, w] -> logits at each row's original size on an out_hw canvas [Q, M, H, W]."""
     q, m = mask_logits.shape[:2]
     image = jax.numpy.repeat(conv_image, m)
     logits, _ = postprocess_masks(
-        mask_logits.reshape(q * m, *mask_logits.shape[2:]), resized_hw[image], original_hw[image], out_hw, image_size
+        mask_logits.reshape(q * m, *mask_logits.shape[2:]), take_in_groups(resized_hw, image, image_groups),
+        take_in_groups(original_hw, image, image_groups), out_hw, image_size,
     )
     return logits.reshape(q, m, *out_hw)
 
 
-def teacher_forced_outputs(model: PixelLM, arrays: dict, out_hw: tuple[int, int]) -> dict[str, jax.Array]:
+def teacher_forced_outputs(
+    model: PixelLM, arrays: dict, out_hw: tuple[int, int], image_groups: int = 1
+) -> dict[str, jax.Array]:
     """Device step: the forward pass on an evaluation batch, masks at original size."""
     out = model(arrays["pixels"], arrays["resized_hw"], arrays["input_ids"], arrays["attention_mask"],
-                arrays["conv_image"])
+                arrays["conv_image"], image_groups=image_groups)
     return {
         "mask_logits": mask_canvas(out.mask_logits, arrays["resized_hw"], arrays["original_hw"], arrays["conv_image"],
-                                   out_hw, model.cfg.vision.image_size),
+                                   out_hw, model.cfg.vision.image_size, image_groups),
         "num_targets": out.seg.num_targets,
         "malformed": out.seg.malformed,
     }

@@ -62,6 +62,33 @@ def test_packing_rows_images_and_padding():
     assert token_bucket(40, (16, 32)) == 64 and token_bucket(16, (16, 32)) == 16
 
 
+def test_blocks_keep_each_row_with_its_image():
+    """groups=2: each half of a batch packs on its own, rows point into their own half's images."""
+    shape = BatchShape(images=4, rows=6, image_size=28, token_buckets=(256,), groups=2)
+    batches = list(eval_batches(Shapes(), tokenizer(), "generate", shape))
+    flat = [(it.sample_index, it.conversation) for b in batches for it in b.items]
+    ungrouped = BatchShape(images=2, rows=3, image_size=28, token_buckets=(256,))
+    assert flat == [(it.sample_index, it.conversation) for b in eval_batches(Shapes(), tokenizer(), "generate", ungrouped)
+                    for it in b.items]  # the same rows in the same order
+    first = batches[0]
+    # block 0: sample 0's 3 questions; block 1: sample 1, then sample 2's first 2 (its rows are full)
+    assert first.rows == [0, 1, 2, 3, 4, 5] and first.arrays["conv_image"].tolist() == [0, 0, 0, 2, 3, 3]
+    assert first.arrays["original_hw"].tolist() == [[30, 50], [30, 50], [70, 20], [40, 40]]
+    last = batches[-1]  # block 0: sample 2's last 2 questions and sample 4's first; block 1: sample 4's last
+    assert [(it.sample_index, it.conversation) for it in last.items] == [(2, 2), (2, 3), (4, 0), (4, 1)]
+    assert last.rows == [0, 1, 2, 3] and last.arrays["conv_valid"].tolist() == [True] * 4 + [False] * 2
+    assert last.arrays["conv_image"].tolist() == [0, 0, 1, 2, 2, 2]  # padding rows stay in their block
+    np.testing.assert_array_equal(last.arrays["input_ids"][5], last.arrays["input_ids"][3])
+    np.testing.assert_array_equal(last.arrays["pixels"][3], last.arrays["pixels"][2])
+    for b in batches:
+        image, valid = b.arrays["conv_image"], b.arrays["conv_valid"]
+        assert ((image // 2) == np.arange(6) // 3).all()  # every row's image is in its block
+        for row, item in b.placed():
+            assert valid[row] and b.arrays["original_hw"][image[row]].tolist() == list(item.gt.shape[1:])
+    with pytest.raises(ValueError, match="do not split into 4 blocks"):
+        next(eval_batches(Shapes(), tokenizer(), "generate", BatchShape(images=4, rows=6, groups=4)))
+
+
 def test_teacher_forced_rows_hold_the_answer_and_processes_share_samples():
     shape = BatchShape(images=2, rows=4, image_size=28, token_buckets=(256,))
     tok = tokenizer()

@@ -6,6 +6,7 @@ re-run on one device, which must give the same rows.
 """
 
 import json
+import re
 from types import SimpleNamespace
 
 import jax
@@ -20,12 +21,13 @@ from pixellm_jax.data.conversation import tokenize_generation, tokenize_training
 from pixellm_jax.data.refer import ReferSource
 from pixellm_jax.data.synthetic import SyntheticShapes
 from pixellm_jax.data.transforms import preprocess_image
-from pixellm_jax.eval.batches import BatchShape
+from pixellm_jax.eval.batches import BatchShape, eval_batches
 from pixellm_jax.eval.evaluate import EvalSettings, Split, evaluate_split
 from pixellm_jax.eval.generate import SamplingConfig
 from pixellm_jax.eval.loading import legacy_tokenizer, load_for_inference
 from pixellm_jax.eval.metrics import official_iou
 from pixellm_jax.eval.runner import BatchRunner, data_mesh
+from pixellm_jax.eval.teacher_forced import teacher_forced_outputs
 from pixellm_jax.postprocess import postprocess_masks
 from tests.data.test_refer import write_refer
 from tests.eval.tiny import chain_answers, random_model, save_checkpoint, tiny_config, tiny_tokenizer
@@ -177,3 +179,23 @@ def test_predict_writes_pngs_of_the_input_size(env, capsys):
             assert im.format == "PNG" and im.size == (w, h) and im.mode == "L"
             assert set(np.unique(np.asarray(im)).tolist()) <= {0, 255}
         assert not (out / f"{stem}_mask_2.png").exists()
+
+
+def test_blocked_batches_gather_image_features_on_their_own_devices(env):
+    """One block per device: the teacher-forced step's image gathers need no collective (one block does)."""
+    loaded = load_for_inference(env.ckpt)
+    runner = BatchRunner(loaded.model)
+    size = loaded.config.model.vision.image_size
+
+    def compiled_text(groups):
+        shape = BatchShape(images=8, rows=8, image_size=size, token_buckets=(BUCKET,), groups=groups)
+        batch = next(eval_batches(SyntheticShapes(num_samples=8, seed=1), loaded.legacy, "teacher_forced", shape))
+        graphdef, state = nnx.split(runner.model)
+        step = jax.jit(lambda s, a: teacher_forced_outputs(nnx.merge(graphdef, s), a, batch.out_hw, groups))
+        with jax.set_mesh(runner.mesh):
+            return step.lower(state, runner._global(batch.arrays)).compile().as_text()
+
+    def gathered(groups):  # shapes of the floating-point arrays all-gathered
+        return re.findall(r"= (?:f32|bf16)(\[[\d,]*\])\S* all-gather\(", compiled_text(groups))
+
+    assert gathered(1) and not gathered(8)
