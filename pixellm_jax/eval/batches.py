@@ -15,8 +15,9 @@ per device (`models/grouped_take.py`). Shapes:
 T is the smallest `token_buckets` entry that fits the longest row (or the next multiple of 64), and
 `out_hw`, the canvas the masks are post-processed onto, is the largest original height and width
 rounded up to `canvas_step`; so a run compiles once per (T, out_hw) bucket. Padding rows and images
-copy the first row / image of their block (of the batch, for an empty block; finite, ignored). Each sample is read with rng = default_rng([seed, index]), so
-its questions (templates drawn at random) do not depend on batching or on the number of processes.
+copy the first row / image of their block (of the batch, for an empty block; finite, ignored). Each
+sample is read with rng = default_rng([seed, index]), so its questions (templates drawn at random) do
+not depend on batching or on the number of processes.
 
 Protocols: "teacher_forced" rows hold the whole conversation with its reference answer (official
 referring evaluation); "generate" rows hold the generation prompt of the first question.
