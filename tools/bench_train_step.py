@@ -19,11 +19,14 @@ MFU = model FLOPs / step time / peak. Model FLOPs are XLA's cost analysis of the
 (no rematerialisation in this config, so nothing is counted twice); the analytic estimate of
 `train.metrics.step_flops` is printed beside it. The peak is the fp32 rate of a large `jnp.dot`
 sampled between the steps of this run (median; torch's `mm` rate is printed too). On CPU only the
-ratio and the MFU mean anything; absolute times depend on the machine and its load.
+ratio and the MFU mean anything; absolute times depend on the machine and its load. On a GPU host,
+JAX runs on the GPU and `--torch-device cuda` puts the reference (and its `torch.mm` peak) there
+too, with TF32 allowed for fp32 matmuls as XLA's default precision does on GPUs.
 
   python tools/bench_train_step.py                     # 173M params (12x768 LLaMA), 224 px, 2 images x 1 conv x 256 tokens
   python tools/bench_train_step.py --image-size 448 --text-len 448 --images 2 --convs-per-image 2
   python tools/bench_train_step.py --no-torch          # our side only (e.g. on an accelerator)
+  python tools/bench_train_step.py --torch-device cuda # on a GPU host: the reference on the same GPU
   python tools/bench_train_step.py --profile /tmp/prof # also: where one step of ours spends its time
 """
 
@@ -174,7 +177,8 @@ def build_torch_reference(cfg: Config):
     """A PyTorch eager PixelLM of `cfg`, its AdamW optimizer and its step function.
 
     Returns (model, step) with `step(batch_tensors) -> loss` doing forward, backward, clipping and
-    the AdamW update.
+    the AdamW update. The model is built on the CPU; `model.to(device)` moves it (the optimizer
+    keeps its parameters), and the step runs wherever the batch is.
     """
     import torch
     import torch.nn.functional as F
@@ -318,13 +322,13 @@ def build_torch_reference(cfg: Config):
                 p = int((ids[i] == IMAGE_TOKEN).nonzero()[0])
                 img = image_tokens[b["conv_image"][i]]
                 embeds.append(torch.cat([text[i, :p], img, text[i, p + 1:]]))
-                ignore = torch.full((img.shape[0],), IGNORE_INDEX, dtype=labels.dtype)
-                sentinel = torch.full((img.shape[0],), IMAGE_TOKEN, dtype=ids.dtype)
+                ignore = torch.full((img.shape[0],), IGNORE_INDEX, dtype=labels.dtype, device=ids.device)
+                sentinel = torch.full((img.shape[0],), IMAGE_TOKEN, dtype=ids.dtype, device=ids.device)
                 new_labels.append(torch.cat([labels[i, :p], ignore, labels[i, p + 1:]]))
                 new_ids.append(torch.cat([ids[i, :p], sentinel, ids[i, p + 1:]]))
             embeds, labels, ids = torch.stack(embeds), torch.stack(new_labels), torch.stack(new_ids)
             hidden = self.llm.model(inputs_embeds=embeds,
-                                    attention_mask=torch.ones(ids.shape, dtype=torch.long)).last_hidden_state
+                                    attention_mask=torch.ones_like(ids)).last_hidden_state
             logits = self.llm.lm_head(hidden)
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
@@ -369,14 +373,14 @@ def build_torch_reference(cfg: Config):
     return model, step
 
 
-def torch_inputs(batch: dict) -> dict:
-    """The batch as torch tensors (token ids and labels int64, as torch indexing wants)."""
+def torch_inputs(batch: dict, device: str = "cpu") -> dict:
+    """The batch as torch tensors on `device` (token ids and labels int64, as torch indexing wants)."""
     import torch
 
     out = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
     for k in ("input_ids", "labels", "conv_image"):
         out[k] = out[k].long()
-    return out
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def _torch_value(sd: dict, key: str, kind: str) -> np.ndarray:
@@ -447,7 +451,7 @@ class MatmulPeak:
     time, so a sample sees the machine's load the way a step does.
     """
 
-    def __init__(self, n: int = 2048, repeats: int = 4, with_torch: bool = True):
+    def __init__(self, n: int = 2048, repeats: int = 4, with_torch: bool = True, torch_device: str = "cpu"):
         self.n, self.repeats = n, repeats
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
         dot = jax.jit(jnp.dot)
@@ -457,9 +461,10 @@ class MatmulPeak:
         if with_torch:
             import torch
 
-            x = torch.randn(n, n)
+            x = torch.randn(n, n, device=torch_device)
+            sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
             torch.mm(x, x)
-            self._torch = lambda: torch.mm(x, x)
+            self._torch = lambda: (torch.mm(x, x), sync())
         self.jax_rates: list[float] = []
         self.torch_rates: list[float] = []
 
@@ -540,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the matmul timed for the peak")
     parser.add_argument("--no-torch", action="store_true", help="time our step only")
+    parser.add_argument("--torch-device", default="cpu", help="where the PyTorch reference runs (cpu, cuda)")
     parser.add_argument("--profile", metavar="DIR", help="trace one more step of ours into DIR; print time by op kind")
     args = parser.parse_args(argv)
 
@@ -557,15 +563,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         torch.set_num_threads(cores)
         torch_threads = torch.get_num_threads()
+        # fp32 matmuls as XLA's default precision runs them: TF32 on GPUs, full fp32 on CPUs
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch_model, torch_step = build_torch_reference(cfg)
         model = nnx.eval_shape(lambda: build_pixellm(cfg.model, cfg.seed))  # filled from the reference
         copy_torch_into(torch_model, model)
-        torch_batch = torch_inputs(batch)
+        torch_model.to(args.torch_device)
+        torch_batch = torch_inputs(batch, args.torch_device)
         n_torch = sum(p.numel() for n, p in torch_model.named_parameters() if "post_layernorm" not in n)
     total, trainable = count_params(model)
     runner = JaxStep(cfg, model, batch)
 
-    peaks = MatmulPeak(args.peak_size, with_torch=not args.no_torch)
+    peaks = MatmulPeak(args.peak_size, with_torch=not args.no_torch, torch_device=args.torch_device)
     jax_times, torch_times, jax_losses, torch_losses = [], [], [], []
     for i in range(args.steps + 1):  # step 0 is the warm-up (and the loss comparison)
         start = time.perf_counter()
@@ -588,8 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     mfu = runner.flops / jax_s / peak
     seq = args.text_len + cfg.model.projector.llm_grid ** 2 - 1
 
-    print(f"train step, fp32, {platform.processor() or platform.machine()}, {cores} cores; "
-          f"XLA CPU threads = {cores} (one per core), torch threads = {torch_threads}")
+    print(f"train step, fp32, JAX on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
+          f"{cores} cores), PyTorch on {'-' if args.no_torch else args.torch_device} ({torch_threads} CPU threads)")
     print(f"model: LLaMA {args.layers}x{args.hidden} (vocab {args.vocab}), CLIP {args.vision_layers}x"
           f"{args.vision_hidden} at {args.image_size}px; {total / 1e6:.1f}M params, {trainable / 1e6:.1f}M trainable"
           + ("" if args.no_torch else f" (PyTorch: {n_torch / 1e6:.1f}M)"))
@@ -611,15 +620,16 @@ def main(argv: list[str] | None = None) -> None:
           + ("" if torch_peak is None else f"; {runner.flops / jax_s / max(peak, torch_peak):.1%} of the faster of "
              "jnp.dot and torch.mm"))
     if profile:
-        total = sum(t for _, t, _ in profile)
+        op_total = sum(t for _, t, _ in profile)
         print("time by XLA op kind, one step of ours (seconds summed over the executor's threads):")
         for kind, t, n in profile[:8]:
-            print(f"  {kind:<32}{t:>9.2f}s {t / total:>6.1%} {n:>6} ops")
+            print(f"  {kind:<32}{t:>9.2f}s {t / op_total:>6.1%} {n:>6} ops")
     print(json.dumps({
         "bench": "train_step",
         "device": jax.devices()[0].device_kind,
         "cores": cores,
         "threads": {"xla": cores, "torch": torch_threads},
+        "torch_device": None if args.no_torch else args.torch_device,
         "config": {k: getattr(args, k) for k in ("hidden", "layers", "intermediate", "vocab", "vision_hidden",
                                                  "vision_layers", "image_size", "images", "convs_per_image",
                                                  "text_len", "targets")},
