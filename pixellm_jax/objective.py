@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from pixellm_jax.config import LossConfig
 from pixellm_jax.losses import pixellm_loss
 from pixellm_jax.models.pixellm import PixelLM, PixelLMOutput
-from pixellm_jax.postprocess import postprocess_masks
+from pixellm_jax.postprocess import target_masks
 
 
 def pixellm_objective(
@@ -32,22 +32,16 @@ def pixellm_objective(
                 batch["conv_image"], batch["labels"], deterministic=deterministic, image_groups=image_groups)
     q, m = out.mask_logits.shape[:2]
     targets = jnp.asarray(batch["masks"])
-    conv_image = jnp.asarray(batch["conv_image"])
-    per_target_image = jnp.repeat(conv_image, m)
-    logits, pixel_valid = postprocess_masks(
-        out.mask_logits.reshape(q * m, *out.mask_logits.shape[2:]),
-        jnp.take(batch["resized_hw"], per_target_image, axis=0),
-        jnp.take(batch["mask_hw"], per_target_image, axis=0),
-        targets.shape[-2:],
-        image_size=model.cfg.vision.image_size,
-    )
+    canvas = targets.shape[-2:]
+    logits, pixel_valid = target_masks(out.mask_logits, batch["resized_hw"], batch["mask_hw"], batch["conv_image"],
+                                       canvas, model.cfg.vision.image_size, image_groups)
     gt_valid = jnp.asarray(batch["mask_valid"]) & jnp.asarray(batch["conv_valid"])[:, None]
     matches = (out.seg.num_targets == gt_valid.sum(-1)) & ~out.seg.malformed & ~out.seg.overflow
     valid = out.seg.valid & gt_valid & matches[:, None]
     terms = pixellm_loss(
-        out.logits, out.labels, logits, targets.reshape(q * m, *targets.shape[2:]),
+        out.logits, out.labels, logits.reshape(q * m, *canvas), targets.reshape(q * m, *canvas),
         valid=valid.reshape(-1), question_id=out.seg.question_id.reshape(-1), cfg=loss_cfg,
-        pixel_valid=pixel_valid, group_size=m,  # one question per conversation row of m target slots
+        pixel_valid=pixel_valid.reshape(q * m, *canvas), group_size=m,  # one question per conversation row of m target slots
     )
     metrics = dict(terms)
     metrics["num_masks"] = valid.sum()

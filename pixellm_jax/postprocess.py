@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pixellm_jax.models.grouped_take import take_in_groups
+
 
 def _source_coordinate(scale: jax.Array, dst: jax.Array) -> jax.Array:
     """max(scale·(dst + 0.5) − 0.5, 0) in float32 with a single rounding, exactly.
@@ -96,3 +98,27 @@ def postprocess_masks(
     cols = jnp.arange(w_max)[None, None, :] < original_hw[:, 1, None, None]
     valid = rows & cols
     return jnp.where(valid, x, 0.0), valid
+
+
+def target_masks(
+    mask_logits: jax.Array,
+    resized_hw: jax.Array,
+    original_hw: jax.Array,
+    conv_image: jax.Array,
+    out_hw: tuple[int, int],
+    image_size: int = 448,
+    image_groups: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """`postprocess_masks` of decoder logits [Q, M, h, w], each target at its conversation's image size.
+
+    resized_hw / original_hw [images, 2] are per image, conv_image [Q] the image of each conversation
+    (within blocks when `image_groups` > 1, see `models.grouped_take`). Returns (logits, valid), both
+    [Q, M, H_max, W_max].
+    """
+    q, m = mask_logits.shape[:2]
+    image = jnp.repeat(conv_image, m)
+    logits, valid = postprocess_masks(
+        mask_logits.reshape(q * m, *mask_logits.shape[2:]), take_in_groups(resized_hw, image, image_groups),
+        take_in_groups(original_hw, image, image_groups), out_hw, image_size,
+    )
+    return logits.reshape(q, m, *out_hw), valid.reshape(q, m, *out_hw)

@@ -62,6 +62,7 @@ import numpy as np
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_training
 from pixellm_jax.data.sample import BadSample, Sample, Source
 from pixellm_jax.data.transforms import mask_shape, masks_to_canvas, preprocess_image
+from pixellm_jax.models.grouped_take import block_first_rows
 from pixellm_jax.models.multimodal import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -377,8 +378,7 @@ class InputPipeline:
             "input_ids": np.full((q, t), self.tokenizer.pad_id, np.int32),
             "attention_mask": np.zeros((q, t), bool),
             "labels": np.full((q, t), IGNORE_INDEX, np.int32),
-            # padding rows point at their block's first image
-            "conv_image": np.repeat(np.arange(cfg.groups, dtype=np.int32) * rows_per, slots_per),
+            "conv_image": block_first_rows(cfg.groups, bi, q),  # padding stays in its block
             "conv_valid": np.zeros((q,), bool),
             "masks": np.zeros((q, m, c, c), bool),
             "mask_valid": np.zeros((q, m), bool),

@@ -34,6 +34,7 @@ import numpy as np
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_generation, tokenize_training
 from pixellm_jax.data.sample import IMAGE_PLACEHOLDER, BadSample, Source
 from pixellm_jax.data.transforms import Normalization, preprocess_image
+from pixellm_jax.models.grouped_take import block_first_rows
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def collate(blocks: Sequence[Block], shape: BatchShape, pad_id: int) -> EvalBatc
         "original_hw": np.zeros((shape.images, 2), np.int32),
         "input_ids": np.full((shape.rows, t), pad_id, np.int32),
         "attention_mask": np.zeros((shape.rows, t), bool),
-        "conv_image": np.zeros((shape.rows,), np.int32),
+        "conv_image": block_first_rows(shape.groups, shape.images, shape.rows),  # padding rows
         "conv_valid": np.zeros((shape.rows,), bool),
     }
     items, placed = [], []
@@ -175,7 +176,6 @@ def collate(blocks: Sequence[Block], shape: BatchShape, pad_id: int) -> EvalBatc
             placed.append(r0 + j)
         for key in ("input_ids", "attention_mask"):
             arrays[key][r0 + len(rows): r0 + per_rows] = arrays[key][r0 if rows else 0]
-        arrays["conv_image"][r0 + len(rows): r0 + per_rows] = i0
     hw = arrays["original_hw"].max(axis=0)
     out_hw = (round_up(hw[0], shape.canvas_step), round_up(hw[1], shape.canvas_step))
     return EvalBatch(arrays, items, out_hw, placed, shape.groups)

@@ -25,9 +25,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pixellm_jax.eval.batches import BatchShape, EvalBatch
 from pixellm_jax.eval.generate import SamplingConfig, generate
-from pixellm_jax.eval.teacher_forced import mask_canvas, teacher_forced_outputs
+from pixellm_jax.eval.teacher_forced import teacher_forced_outputs
+from pixellm_jax.models.grouped_take import block_first_rows
 from pixellm_jax.models.multimodal import IMAGE_TOKEN
 from pixellm_jax.models.pixellm import PixelLM
+from pixellm_jax.postprocess import target_masks
 
 ROWS = PartitionSpec("data")
 
@@ -55,8 +57,8 @@ def _generate_step(model: PixelLM, arrays: dict, key: jax.Array, out_hw: tuple[i
     return _rows({
         "tokens": out.tokens,
         "lengths": out.lengths,
-        "mask_logits": mask_canvas(out.mask_logits, arrays["resized_hw"], arrays["original_hw"],
-                                   arrays["conv_image"], out_hw, model.cfg.vision.image_size, image_groups),
+        "mask_logits": target_masks(out.mask_logits, arrays["resized_hw"], arrays["original_hw"],
+                                    arrays["conv_image"], out_hw, model.cfg.vision.image_size, image_groups)[0],
         "num_targets": out.seg.num_targets,
         "malformed": out.seg.malformed,
         "overflow": out.seg.overflow,
@@ -148,8 +150,7 @@ def idle_batch(shape: BatchShape, pad_id: int) -> EvalBatch:
         "resized_hw": np.full((shape.images, 2), s, np.int32),
         "original_hw": np.ones((shape.images, 2), np.int32),
         "input_ids": ids, "attention_mask": mask,
-        "conv_image": np.repeat(np.arange(shape.groups, dtype=np.int32) * (shape.images // shape.groups),
-                                shape.rows // shape.groups),
+        "conv_image": block_first_rows(shape.groups, shape.images, shape.rows),
         "conv_valid": np.zeros((shape.rows,), bool),
     }
     return EvalBatch(arrays, [], (shape.canvas_step, shape.canvas_step), [], shape.groups)

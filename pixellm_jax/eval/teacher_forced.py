@@ -15,23 +15,8 @@ import jax
 import numpy as np
 
 from pixellm_jax.eval.metrics import ReferringMeter, intersection_union
-from pixellm_jax.models.grouped_take import take_in_groups
 from pixellm_jax.models.pixellm import PixelLM
-from pixellm_jax.postprocess import postprocess_masks
-
-
-def mask_canvas(
-    mask_logits: jax.Array, resized_hw: jax.Array, original_hw: jax.Array, conv_image: jax.Array,
-    out_hw: tuple[int, int], image_size: int, image_groups: int = 1,
-) -> jax.Array:
-    """Decoder logits [Q, M, h, w] -> logits at each row's original size on an out_hw canvas [Q, M, H, W]."""
-    q, m = mask_logits.shape[:2]
-    image = jax.numpy.repeat(conv_image, m)
-    logits, _ = postprocess_masks(
-        mask_logits.reshape(q * m, *mask_logits.shape[2:]), take_in_groups(resized_hw, image, image_groups),
-        take_in_groups(original_hw, image, image_groups), out_hw, image_size,
-    )
-    return logits.reshape(q, m, *out_hw)
+from pixellm_jax.postprocess import target_masks
 
 
 def teacher_forced_outputs(
@@ -41,8 +26,8 @@ def teacher_forced_outputs(
     out = model(arrays["pixels"], arrays["resized_hw"], arrays["input_ids"], arrays["attention_mask"],
                 arrays["conv_image"], image_groups=image_groups)
     return {
-        "mask_logits": mask_canvas(out.mask_logits, arrays["resized_hw"], arrays["original_hw"], arrays["conv_image"],
-                                   out_hw, model.cfg.vision.image_size, image_groups),
+        "mask_logits": target_masks(out.mask_logits, arrays["resized_hw"], arrays["original_hw"], arrays["conv_image"],
+                                    out_hw, model.cfg.vision.image_size, image_groups)[0],
         "num_targets": out.seg.num_targets,
         "malformed": out.seg.malformed,
     }

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pixellm_jax.sharding import constrain, logical_spec
 
@@ -35,6 +36,12 @@ def take_in_groups(x: jax.Array, index: jax.Array, groups: int = 1) -> jax.Array
     local = index.reshape(groups, n // groups) - (jnp.arange(groups, dtype=index.dtype) * per)[:, None]
     out = jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0, mode="clip"))(blocks, _blocks_on_batch_axes(local))
     return _blocks_on_batch_axes(out).reshape(n, *x.shape[1:])
+
+
+def block_first_rows(groups: int, rows: int, n: int) -> np.ndarray:
+    """[n] int32 host index: for n slots in `groups` blocks, the first of their block's `rows` / `groups`
+    rows (where padding slots point, so they stay in their block)."""
+    return np.repeat(np.arange(groups, dtype=np.int32) * (rows // groups), n // groups)
 
 
 def _blocks_on_batch_axes(x: jax.Array) -> jax.Array:

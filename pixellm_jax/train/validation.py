@@ -24,7 +24,7 @@ from PIL import Image
 from pixellm_jax.config import Config
 from pixellm_jax.data.transforms import CLIP_MEAN, CLIP_STD, OFFICIAL_MEAN, OFFICIAL_STD
 from pixellm_jax.objective import pixellm_objective
-from pixellm_jax.postprocess import postprocess_masks
+from pixellm_jax.postprocess import target_masks
 from pixellm_jax.train.mesh import global_batch
 from pixellm_jax.train.state import StateLayout, TrainState
 
@@ -37,16 +37,11 @@ def make_eval_step(layout: StateLayout, cfg: Config, mesh: Mesh, batch_shardings
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             loss, metrics, out = pixellm_objective(model, batch, cfg.loss, deterministic=True,
                                                    image_groups=image_groups)
-        q, m = out.mask_logits.shape[:2]
         targets = batch["masks"]
-        image = jnp.repeat(batch["conv_image"], m)
-        logits, pixel_valid = postprocess_masks(
-            out.mask_logits.reshape(q * m, *out.mask_logits.shape[2:]),
-            jnp.take(batch["resized_hw"], image, axis=0), jnp.take(batch["mask_hw"], image, axis=0),
-            targets.shape[-2:], image_size=cfg.model.vision.image_size,
-        )
-        pred = ((logits > 0) & pixel_valid).reshape(targets.shape)
-        gt = targets & pixel_valid.reshape(targets.shape)
+        logits, pixel_valid = target_masks(out.mask_logits, batch["resized_hw"], batch["mask_hw"], batch["conv_image"],
+                                           targets.shape[-2:], cfg.model.vision.image_size, image_groups)
+        pred = (logits > 0) & pixel_valid
+        gt = targets & pixel_valid
         inter = (pred & gt).sum((-2, -1)).astype(jnp.float32)
         union = (pred | gt).sum((-2, -1)).astype(jnp.float32)
         iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
