@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pixellm_jax.config import ConfigError
+from pixellm_jax.errors import UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,8 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixellm", description="PixelLM in JAX/Flax NNX")
+    debug_help = "show the traceback of an error, not one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("describe", help="parameter counts of a config (abstract, no memory), optionally a tiny forward")
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip (and list in the metadata) or stop at an unusable record")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
 
+    for command_parser in sub.choices.values():  # `pixellm <command> --debug` too
+        command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     args = parser.parse_args(argv)
     try:
         if args.command == "describe":
@@ -95,8 +100,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return prepare_command(args)
     except ConfigError as e:
+        if args.debug:
+            raise
         print(f"pixellm {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except UserError as e:  # a bad input file, an unwritable output, an evaluation that scored nothing
+        if args.debug:
+            raise
+        print(f"pixellm {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -195,8 +195,14 @@ class MeshConfig:
 
 @dataclass
 class DataConfig:
+    # Training data: dataset specs (`pixellm_jax/data/specs.py`, the `pixellm eval --split` syntax),
+    # e.g. "muse" (the official layout under train.dataset_dir) or "muse:json=my/train.json,images=my/img".
     datasets: list[str] = field(default_factory=lambda: ["sem_seg", "refer_seg", "vqa", "muse"])
     sample_rates: list[float] = field(default_factory=lambda: [2.0, 9.0, 2.0, 4.0])
+    # Held-out splits (the same specs, in evaluation mode) scored every train.eval_every steps with their
+    # protocol (referring: teacher-forced; MUSE: generated answers + Hungarian matching; `protocol=` picks).
+    # Empty: the built-in held-out synthetic scenes when training on `synthetic`, else none.
+    val: list[str] = field(default_factory=list)
     model_max_length: int = 512
     num_classes_per_sample: int = 3
     num_classes_per_question: int = 3
@@ -216,6 +222,9 @@ class DataConfig:
     read_threads: int = 1
     prefetch_buffer_size: int = 8
     on_bad_sample: Literal["skip", "raise"] = "skip"
+    # Stop when more than this fraction of the training data seen (conversations and bad records) was
+    # dropped, naming the dominant reason; null = never stop (drops are still counted).
+    max_drop_fraction: float | None = 0.2
 
 
 @dataclass
@@ -374,10 +383,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
-    """A path to a YAML file, or the bare name of one in the project's `configs/`."""
+    """A path to a YAML file, or the bare name of one in the project's `configs/` (a same-named folder
+    in the working directory does not shadow it)."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        return p
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        return p.absolute()
     return CONFIG_DIR / f"{p}.yaml"
 
 
@@ -419,6 +429,27 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | tuple[st
         return from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _absolute(path: str, cwd: Path) -> str:
+    if not path or "://" in path or Path(path).is_absolute():
+        return path
+    return str((cwd / path).absolute())
+
+
+def resolve_paths(cfg: Config, cwd: str | os.PathLike | None = None) -> Config:
+    """`cfg` with every path a user gives made absolute against `cwd` (default: the working directory):
+    train.output_dir, init_from, tokenizer, dataset_dir, compilation_cache and the paths inside the
+    dataset specs of data.datasets / data.val. URLs (gs://...) and absolute paths are kept."""
+    from pixellm_jax.data.specs import absolute_spec
+
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    tr = dataclasses.replace(cfg.train, **{
+        k: _absolute(getattr(cfg.train, k), base)
+        for k in ("output_dir", "init_from", "tokenizer", "dataset_dir", "compilation_cache")})
+    data = dataclasses.replace(cfg.data, datasets=[absolute_spec(s, base) for s in cfg.data.datasets],
+                               val=[absolute_spec(s, base) for s in cfg.data.val])
+    return dataclasses.replace(cfg, train=tr, data=data)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -520,8 +551,18 @@ def validate(cfg: Config) -> None:
     _require(sum(s == -1 for s in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
 
     d = cfg.data
+    from pixellm_jax.data.specs import SpecError, parse_spec
+
+    for key, specs in (("data.datasets", d.datasets), ("data.val", d.val)):
+        for i, spec in enumerate(specs):
+            try:
+                parse_spec(spec)
+            except SpecError as e:
+                raise ConfigError(f"{key}[{i}]: {e}") from None
     _require(len(d.datasets) == len(d.sample_rates), "data.sample_rates",
              f"needs one rate per entry of data.datasets ({len(d.datasets)})")
+    _require(d.max_drop_fraction is None or 0 <= d.max_drop_fraction <= 1, "data.max_drop_fraction",
+             "must be in [0, 1] or null")
     for i, r in enumerate(d.sample_rates):
         _require(r >= 0, f"data.sample_rates[{i}]", "must be >= 0")
     _require(d.model_max_length > 0, "data.model_max_length", "must be positive")

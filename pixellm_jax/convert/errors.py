@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pixellm_jax.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError, ValueError):
     """A checkpoint cannot be converted or exported; the message names the files and keys at fault."""

@@ -22,13 +22,15 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from pixellm_jax.data.sample import IMAGE_PLACEHOLDER, BadSample, Conversation, Sample
+from pixellm_jax.errors import UserError
 
 # Polygon vertices may lie this many pixels outside the image (rounding in published annotations).
 POLYGON_TOLERANCE = 1.0
 
 
-class DatasetFileError(ValueError):
-    """A dataset file (annotation JSON, pickle, directory) that cannot be used as a whole."""
+class DatasetFileError(UserError, ValueError):
+    """A dataset file (annotation JSON, pickle, directory) that cannot be used as a whole; the CLI
+    reports it in one line."""
 
     def __init__(self, path: str | Path, reason: str):
         super().__init__(f"{path}: {reason}")

@@ -88,7 +88,7 @@ class MuseSource(Source):
         height, width = image_size_of(rec, sample_id)
         check_image_size(image, height, width, sample_id, path)
 
-        conversations = []
+        conversations, dropped = [], []
         for qi, (text, instances, text_answer) in enumerate(zip(questions, answers, text_answers)):
             if not isinstance(text, str) or not isinstance(instances, list) or not all(isinstance(a, dict) for a in instances):
                 raise BadSample(sample_id, f"question {qi}: expected a string and a list of instance objects")
@@ -105,9 +105,12 @@ class MuseSource(Source):
                 else:
                     reason = f"text answer has {text_answer.count('{seg}')} {{seg}} for {len(instances)} instances"
                 log.warning("%s: question %d skipped: %s", sample_id, qi, reason)
+                dropped.append("seg_mismatch" if text_answer is not None else "malformed_record")
                 continue
             masks = [decode_segmentation(a.get("segmentation"), height, width, sample_id) for a in instances]
             conversations.append(([(question, answer)], stack_masks(masks, height, width)))
         if not conversations:
             raise BadSample(sample_id, f"all {len(questions)} questions skipped")
-        return build_sample(sample_id, self.name, image, conversations)
+        sample = build_sample(sample_id, self.name, image, conversations)
+        sample.dropped = dropped
+        return sample

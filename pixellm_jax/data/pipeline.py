@@ -19,15 +19,21 @@ Stages (all deterministic for a seed):
 The iterator's position is Grain state: `it.get_state()` / `it.set_state(state)` on the iterator from
 `iter(pipeline)` resumes with exactly the same batches (the trainer stores it with the checkpoint).
 
-Dropped data is counted in `pipeline.stats` and logged with the sample id:
+Dropped data is counted in `pipeline.stats` by reason (`sample.DROP_REASONS`) and logged with the
+sample id:
   * a `BadSample` from a source, or a sample the transforms reject (ValueError), is skipped and
-    counted (`on_bad_sample="skip"`) or re-raised naming the sample (`"raise"`);
-  * a conversation with more than `max_targets` targets, one whose codebook tokens the truncation cut,
-    one longer than the largest bucket, and one that does not fit the `conversations_per_batch`
-    slots of its batch is dropped; a sample left without conversations is dropped.
+    counted under its category (bad image, bad polygon, {seg} mismatch, path escaping the root,
+    malformed record) (`on_bad_sample="skip"`) or re-raised naming the sample (`"raise"`);
+  * a conversation the source left out ({seg} mismatch), one with more than `max_targets` targets,
+    one whose codebook tokens the truncation cut, one longer than the largest bucket, and one that
+    does not fit the `conversations_per_batch` slots of its batch is dropped; a sample left without
+    conversations is dropped.
+  * `stats.drop_fraction` is dropped / (dropped + kept), counting a bad sample as one dropped unit and
+    each conversation as one; past `max_drop_fraction` (once `DROP_CHECK_AFTER` units were seen) the
+    iterator raises `TooManyDropped` naming the dominant reason and the setting that changes it;
   * when more than a whole epoch share of records in a row (at most 10,000) yields nothing, the config
     drops everything (e.g. `model_max_length` shorter than every conversation): the iterator raises
-    `NothingUsable` with the drop counts instead of searching an endless stream forever.
+    `NothingUsable` naming the dominant reason instead of searching an endless stream forever.
 
 Batch schema (dict of numpy arrays; Bi = images_per_batch, Q = conversations_per_batch,
 M = max_targets, S = image_size, C = mask_size, T = the smallest `token_buckets` entry that fits the
@@ -60,12 +66,26 @@ import grain
 import numpy as np
 
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_training
-from pixellm_jax.data.sample import BadSample, Sample, Source
+from pixellm_jax.data.sample import DROP_REASONS, BadSample, Sample, Source, bad_sample_category
 from pixellm_jax.data.transforms import mask_shape, masks_to_canvas, preprocess_image
 from pixellm_jax.models.grouped_take import block_first_rows
 from pixellm_jax.models.multimodal import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
+
+DROP_CHECK_AFTER = 200  # units (conversations and bad samples) seen before the drop fraction is judged
+# What to change when a reason dominates the drops.
+DROP_HINTS = {
+    "bad_image": "check the dataset's image folder (the spec's images=/root=, or train.dataset_dir)",
+    "bad_polygon": "check the annotation file's segmentations",
+    "seg_mismatch": "check the annotation file: each text answer needs one {seg} per target",
+    "path_escapes_root": "check the annotation file's image paths against the image root",
+    "malformed_record": "check the annotation file against its layout (docs in pixellm_jax/data/)",
+    "too_long": "raise data.token_buckets' largest entry (and data.model_max_length)",
+    "targets_truncated": "raise data.model_max_length",
+    "too_many_targets": "raise model.head.max_targets",
+    "batch_full": "raise data.conversations_per_batch",
+}
 
 
 @dataclass
@@ -91,6 +111,7 @@ class PipelineConfig:
     read_threads: int = 1  # threads per process reading records ahead
     prefetch_buffer_size: int = 8
     on_bad_sample: Literal["skip", "raise"] = "skip"
+    max_drop_fraction: float | None = None  # None: no limit (the dominant reason is still counted)
     groups: int = 1  # aligned blocks per batch, each conversation in its image's block (one per device)
 
     @classmethod
@@ -105,7 +126,7 @@ class PipelineConfig:
             use_im_start_end=d.use_im_start_end, seed=cfg.seed, epoch_size=d.epoch_size, num_epochs=d.num_epochs,
             drop_remainder=d.drop_remainder, num_workers=d.num_workers, worker_buffer_size=d.worker_buffer_size,
             read_threads=d.read_threads, prefetch_buffer_size=d.prefetch_buffer_size, on_bad_sample=d.on_bad_sample,
-            groups=groups,
+            max_drop_fraction=d.max_drop_fraction, groups=groups,
         )
 
     @property
@@ -166,15 +187,50 @@ class NothingUsable(RuntimeError):
     """Every record of a long run was dropped: the data cannot fill a batch under this config."""
 
 
+class TooManyDropped(RuntimeError):
+    """More than `max_drop_fraction` of the data seen so far was dropped."""
+
+
 @dataclass
 class PipelineStats:
     """What this pipeline's iterators produced and dropped (not part of the saved iterator state)."""
 
     bad_samples: int = 0
-    dropped: collections.Counter = field(default_factory=collections.Counter)
+    dropped: collections.Counter = field(default_factory=collections.Counter)  # reason -> units
+    examples: dict = field(default_factory=dict)  # reason -> "sample id: detail" of its first case
+    conversations: int = 0  # kept (past every check, placed in a batch slot)
     samples: int = 0
     batches: int = 0
+    samples_without_conversations: int = 0
     unusable_streak: int = 0  # records in a row that yielded nothing
+
+    def drop(self, reason: str, example: str, count: int = 1) -> None:
+        self.dropped[reason] += count
+        self.examples.setdefault(reason, example)
+
+    @property
+    def units(self) -> int:
+        """Conversations kept or dropped plus bad samples: what the drop fraction is a fraction of."""
+        return self.conversations + sum(self.dropped.values())
+
+    @property
+    def drop_fraction(self) -> float:
+        return sum(self.dropped.values()) / max(self.units, 1)
+
+    def dominant(self) -> str:
+        """The most common drop reason, its count, example and what to change; "" when nothing was dropped."""
+        if not self.dropped:
+            return ""
+        reason, count = self.dropped.most_common(1)[0]
+        return (f"most were {reason} ({DROP_REASONS.get(reason, reason)}: {count}, e.g. {self.examples[reason]}); "
+                f"{DROP_HINTS.get(reason, 'check the data')}")
+
+    def as_metrics(self) -> dict[str, float]:
+        """Flat counters for metrics.jsonl / TensorBoard / summary.json."""
+        out = {f"dropped/{reason}": float(self.dropped.get(reason, 0)) for reason in DROP_REASONS}
+        out.update(bad_samples=float(self.bad_samples), drop_fraction=self.drop_fraction,
+                   kept_conversations=float(self.conversations))
+        return out
 
 
 class _Keys:
@@ -215,7 +271,7 @@ class _Prepare:
         cfg, tok = self.cfg, self.tokenizer
         image = preprocess_image(sample.image, cfg.image_size, cfg.normalization)
         group = len(tok.seg_ids)
-        conversations, dropped = [], []
+        conversations, dropped = [], list(sample.dropped)
         for c in sample.conversations:
             k = c.masks.shape[0]
             if k > cfg.max_targets:
@@ -228,7 +284,7 @@ class _Prepare:
                 dropped.append("targets_truncated")
                 continue
             if len(t.input_ids) > cfg.token_buckets[-1]:
-                dropped.append("longer_than_largest_bucket")
+                dropped.append("too_long")
                 continue
             masks, _ = masks_to_canvas(c.masks, cfg.mask_size)
             conversations.append(PreparedConversation(t.input_ids, t.labels, masks))
@@ -322,8 +378,8 @@ class InputPipeline:
 
     # -- main-process stages ----------------------------------------------------------------------
 
-    def _drop(self, reason: str, sample_id: str) -> None:
-        self.stats.dropped[reason] += 1
+    def _drop(self, reason: str, sample_id: str, detail: str = "") -> None:
+        self.stats.drop(reason, f"{sample_id}: {detail}" if detail else sample_id)
         log.warning("dropped a conversation of %s (%s; %d so far)", sample_id, reason, self.stats.dropped[reason])
 
     def _keep(self, record: PreparedSample | Rejected) -> bool:
@@ -332,9 +388,15 @@ class InputPipeline:
         if self.stats.unusable_streak > self._unusable_limit:
             raise NothingUsable(
                 f"the last {self.stats.unusable_streak} records of {[s.name for s in self.sources]} were all "
-                f"dropped (bad samples: {self.stats.bad_samples}, dropped: {dict(self.stats.dropped)}); check "
-                f"model_max_length ({self.cfg.model_max_length}), token_buckets ({list(self.cfg.token_buckets)}) "
-                f"and max_targets ({self.cfg.max_targets}) against the data"
+                f"dropped (bad samples: {self.stats.bad_samples}, dropped: {dict(self.stats.dropped)}): "
+                f"{self.stats.dominant()}"
+            )
+        limit = self.cfg.max_drop_fraction
+        if limit is not None and self.stats.units >= DROP_CHECK_AFTER and self.stats.drop_fraction > limit:
+            raise TooManyDropped(
+                f"{self.stats.drop_fraction:.1%} of the first {self.stats.units} conversations and records of "
+                f"{[s.name for s in self.sources]} were dropped (data.max_drop_fraction={limit}; counts: "
+                f"{dict(self.stats.dropped)}): {self.stats.dominant()}"
             )
         return keep
 
@@ -343,13 +405,14 @@ class InputPipeline:
             if self.cfg.on_bad_sample == "raise":
                 raise BadSample(record.sample_id, record.reason)
             self.stats.bad_samples += 1
+            self.stats.drop(bad_sample_category(record.reason), f"{record.sample_id}: {record.reason}")
             log.warning("skipped bad sample %s: %s (%d so far)",
                         record.sample_id, record.reason, self.stats.bad_samples)
             return False
         for reason in record.dropped:
             self._drop(reason, record.sample_id)
         if not record.conversations:
-            self.stats.dropped["sample_without_conversations"] += 1
+            self.stats.samples_without_conversations += 1
             log.warning("dropped sample %s: no usable conversation", record.sample_id)
             return False
         return True
@@ -400,5 +463,6 @@ class InputPipeline:
             batch["masks"][j, :k] = conv.masks
             batch["mask_valid"][j, :k] = True
         self.stats.samples += len(records)
+        self.stats.conversations += len(slots)
         self.stats.batches += 1
         return batch

@@ -38,6 +38,8 @@ class Sample:
     dataset: str  # source name, e.g. "refcoco", "muse", "synthetic"
     image: np.ndarray  # [H, W, 3] uint8 RGB
     conversations: list[Conversation] = field(default_factory=list)
+    # Reasons (`DROP_REASONS` keys) of conversations the source left out of this sample, one each.
+    dropped: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
@@ -46,6 +48,37 @@ class Sample:
         for i, c in enumerate(self.conversations):
             if c.masks.shape[1:] != (h, w):
                 raise ValueError(f"{self.sample_id}: conversation {i} masks {c.masks.shape[1:]} != image {(h, w)}")
+
+
+# Why data was dropped, as counted in a run's metrics and summary (`bad_sample_category` sorts a
+# BadSample's reason into the first group; the pipeline adds the conversation-level ones).
+DROP_REASONS = {
+    "bad_image": "missing, corrupt or mis-sized image",
+    "bad_polygon": "malformed or out-of-bounds polygon / RLE mask",
+    "seg_mismatch": "{seg} count differs from the number of targets",
+    "path_escapes_root": "image path escaping the dataset root",
+    "malformed_record": "malformed annotation record",
+    "too_long": "conversation longer than the largest token bucket",
+    "targets_truncated": "model_max_length cut some of the answer's targets",
+    "too_many_targets": "more targets than model.head.max_targets",
+    "batch_full": "more conversations than data.conversations_per_batch slots",
+}
+_CATEGORY_PATTERNS = (
+    ("path_escapes_root", ("escapes the dataset root", "invalid file name")),
+    ("bad_polygon", ("polygon", "RLE", "malformed segmentation")),
+    ("seg_mismatch", ("{seg}", "questions skipped", "codebook tokens for", "placeholders but masks")),
+    ("bad_image", ("image file not found", "corrupt", "cannot decode image", "cannot read image", "stored image",
+                   "invalid image size", "label file not found", "label map", "annotation says", "image must be",
+                   "record says")),
+)
+
+
+def bad_sample_category(reason: str) -> str:
+    """The `DROP_REASONS` key of a BadSample's free-text reason ("malformed_record" when none fits)."""
+    for category, patterns in _CATEGORY_PATTERNS:
+        if any(p in reason for p in patterns):
+            return category
+    return "malformed_record"
 
 
 class BadSample(Exception):
@@ -58,6 +91,10 @@ class BadSample(Exception):
         super().__init__(f"{sample_id}: {reason}")
         self.sample_id = sample_id
         self.reason = reason
+
+    @property
+    def category(self) -> str:
+        return bad_sample_category(self.reason)
 
 
 class Source:

@@ -254,7 +254,7 @@ class MuseRecords:
             raise BadSample(sample_id, f"malformed record in {where}: questions, answers and text_answers must be "
                                        "aligned lists")
         image = record.decode_image()
-        conversations, offset = [], 0
+        conversations, offset, dropped = [], 0, []
         for qi, (text, instances, text_answer) in enumerate(zip(questions, answers, text_answers)):
             if not (isinstance(text, str) and isinstance(instances, list)
                     and all(isinstance(x, dict) for x in instances)):
@@ -270,6 +270,7 @@ class MuseRecords:
                 self.skipped_questions += 1
                 log.warning("%s: question %d skipped: %s", sample_id, qi, "no target instances" if text_answer is None
                             else f"text answer has {text_answer.count('{seg}')} {{seg}} for {len(instances)} instances")
+                dropped.append("seg_mismatch" if text_answer is not None else "malformed_record")
                 continue
             masks = [record.decode_mask(start + i) for i in range(len(instances))]
             conversations.append(([(question, answer)], stack_masks(masks, *image.shape[:2])))
@@ -277,7 +278,9 @@ class MuseRecords:
             raise BadSample(sample_id, f"record has {len(record.masks)} masks for {offset} instances")
         if not conversations:
             raise BadSample(sample_id, f"all {len(questions)} questions skipped")
-        return build_sample(sample_id, self.name, image, conversations)
+        sample = build_sample(sample_id, self.name, image, conversations)
+        sample.dropped = dropped
+        return sample
 
 
 class _StoredScene(SyntheticShapes):

@@ -33,13 +33,13 @@ import numpy as np
 
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_generation, tokenize_training
 from pixellm_jax.data.sample import IMAGE_PLACEHOLDER, BadSample, Source
+from pixellm_jax.data.specs import PROTOCOLS
 from pixellm_jax.data.transforms import Normalization, preprocess_image
 from pixellm_jax.models.grouped_take import block_first_rows
 
 log = logging.getLogger(__name__)
 
 Protocol = Literal["teacher_forced", "generate"]
-PROTOCOLS = ("teacher_forced", "generate")
 
 
 @dataclass
@@ -190,12 +190,12 @@ def eval_batches(
     seed: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-    skipped: list[str] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
     progress=None,
 ) -> Iterator[EvalBatch]:
     """This process's batches: samples process_index, process_index + process_count, ...
 
-    A sample the source rejects (`BadSample`) is logged and its id appended to `skipped`;
+    A sample the source rejects (`BadSample`) is logged and (its id, the reason) appended to `skipped`;
     `progress` (a tqdm bar) advances by one per sample read.
     """
 
@@ -206,7 +206,7 @@ def eval_batches(
             except BadSample as e:
                 log.warning("evaluation skips %s: %s", e.sample_id, e.reason)
                 if skipped is not None:
-                    skipped.append(e.sample_id)
+                    skipped.append((e.sample_id, e.reason))
             if progress is not None:
                 progress.update(1)
 

@@ -7,6 +7,10 @@ Each split is a random-access `Source` with a protocol:
   with their masks, Hungarian-matched to the ground truths per question, both the corrected and the
   official-compatible MUSE metrics (`metrics.MuseMeter`); optionally the LLM-judge prompts.
 
+A sample the source rejects (`BadSample`) is skipped and counted by reason (`skipped_by_reason`,
+keys of `sample.DROP_REASONS`). A split that scored no row has no metric (None) and fails the run
+with `NothingScored`, after the metrics of every split are written.
+
 Every process evaluates its share of the samples (sample i goes to process i mod P) on its devices;
 the metric sums are added up over processes, and each process keeps the records of its samples. One
 process on N devices computes exactly the rows one device does.
@@ -26,7 +30,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pixellm_jax.data.conversation import LegacyTokenizer
-from pixellm_jax.data.sample import Source
+from pixellm_jax.data.sample import DROP_REASONS, Source, bad_sample_category
+from pixellm_jax.errors import UserError, writing
 from pixellm_jax.eval.answer_text import number_placeholders, numbered_answer
 from pixellm_jax.eval.batches import BatchShape, Protocol, eval_batches
 from pixellm_jax.eval.generate import SamplingConfig
@@ -36,6 +41,12 @@ from pixellm_jax.eval.runner import BatchRunner, agree_on_shapes, any_process, i
 from pixellm_jax.eval.teacher_forced import score_referring
 
 log = logging.getLogger(__name__)
+
+
+class NothingScored(UserError, RuntimeError):
+    """A split of which no sample could be scored (every one skipped, or none at all): it has no metric."""
+
+    exit_code = 1  # the run failed, not its arguments
 
 
 @dataclass
@@ -58,6 +69,7 @@ class SplitResult(NamedTuple):
     metrics: dict
     records: list[dict]  # this process's per-row records, in sample order
     judge_prompts: list[tuple[str, str]]  # (record id, prompt), when settings.judge
+    skipped: list[tuple[str, str]]  # this process's skipped samples: (sample id, BadSample reason)
 
 
 def _summed(values: np.ndarray) -> np.ndarray:
@@ -139,7 +151,9 @@ def evaluate_split(
     if open_image is not None:
         muse.close_image()
     bar.close()
-    totals = _summed(np.concatenate([referring.sums(), muse.sums(), counts, [len(records), len(skipped)]]))
+    by_reason = [sum(bad_sample_category(reason) == key for _, reason in skipped) for key in DROP_REASONS]
+    sizes = [len(records), len(skipped)]
+    totals = _summed(np.concatenate([referring.sums(), muse.sums(), counts, sizes, by_reason]))
     metrics = {"protocol": split.protocol}
     if split.protocol == "teacher_forced":
         metrics.update(ReferringMeter.result(totals[:4]))
@@ -147,8 +161,19 @@ def evaluate_split(
     else:
         metrics.update(MuseMeter.result(totals[4:15]))
         metrics["overflow_answers"] = int(totals[16])
-    metrics.update(malformed_answers=int(totals[15]), rows=int(totals[18]), skipped_samples=int(totals[19]))
-    return SplitResult(metrics, records, prompts)
+    metrics.update(malformed_answers=int(totals[15]), rows=int(totals[18]), skipped_samples=int(totals[19]),
+                   skipped_by_reason={key: int(n) for key, n in zip(DROP_REASONS, totals[20:]) if n})
+    return SplitResult(metrics, records, prompts, skipped)
+
+
+def _nothing_scored(split: Split, result: SplitResult) -> str:
+    """Why a split scored no row, in one line: how many samples were skipped, and the first one's reason."""
+    total = len(split.source)
+    if not total:
+        return f"split {split.name}: no sample could be scored: the split has no samples"
+    first = f" (first: {result.skipped[0][0]} {result.skipped[0][1]})" if result.skipped else ""
+    return (f"split {split.name}: no sample could be scored: {result.metrics['skipped_samples']} of {total} "
+            f"samples were skipped{first}")
 
 
 def run_eval(
@@ -161,22 +186,35 @@ def run_eval(
     progress: bool = True,
 ) -> dict[str, dict]:
     """Evaluate every split; write `metrics.json` (process 0), `<split>.samples.jsonl` and, when
-    judging, `<split>.judge_prompts.jsonl` (with `.<process>` before `.jsonl` on multi-host runs)."""
+    judging, `<split>.judge_prompts.jsonl` (with `.<process>` before `.jsonl` on multi-host runs).
+
+    Raises `NothingScored` naming each split that scored no row, once everything is written; an
+    output that cannot be written raises `errors.OutputError` naming it.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f".{jax.process_index()}" if jax.process_count() > 1 else ""
-    all_metrics = {}
+    all_metrics, failures = {}, []
     for split in splits:
         result = evaluate_split(runner, tok, decode, split, settings, progress)
         all_metrics[split.name] = result.metrics
-        with open(out_dir / f"{split.name}.samples{suffix}.jsonl", "w") as f:
+        samples = out_dir / f"{split.name}.samples{suffix}.jsonl"
+        with writing(samples), open(samples, "w") as f:
             for record in result.records:
                 f.write(json.dumps(record) + "\n")
         if settings.judge and split.protocol == "generate":
-            write_judge_prompts(out_dir / f"{split.name}.judge_prompts{suffix}.jsonl", result.judge_prompts)
+            prompts = out_dir / f"{split.name}.judge_prompts{suffix}.jsonl"
+            with writing(prompts):
+                write_judge_prompts(prompts, result.judge_prompts)
         log.info("%s: %s", split.name, json.dumps(result.metrics))
+        if not result.metrics["rows"]:
+            failures.append(_nothing_scored(split, result))
     if jax.process_index() == 0:
         tmp = out_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(all_metrics, indent=2) + "\n")
-        tmp.rename(out_dir / "metrics.json")
+        with writing(out_dir / "metrics.json"):
+            tmp.write_text(json.dumps(all_metrics, indent=2) + "\n")
+            tmp.rename(out_dir / "metrics.json")
+    if failures:
+        raise NothingScored("; ".join(failures))
     return all_metrics

@@ -1,6 +1,7 @@
 """Segmentation metrics: referring gIoU / cIoU, and MUSE's Hungarian-matched multi-target metrics.
 
-All functions work on host numpy masks at the image's original resolution.
+All functions work on host numpy masks at the image's original resolution. A metric over no target
+(no pair) is None, JSON null: a split that scored nothing has no score, neither 1 nor 0.
 
 Referring (refCOCO/+/g, multi-referring; official `validate`, reference §6). Per target, the
 foreground intersection I and union U of the binary prediction (logit > 0) and the ground truth;
@@ -76,9 +77,12 @@ class ReferringMeter:
         return np.array([self.iou_sum, self.targets, self.intersection, self.union], np.float64)
 
     @staticmethod
-    def result(sums: np.ndarray) -> dict[str, float]:
+    def result(sums: np.ndarray) -> dict[str, float | None]:
+        """gIoU and cIoU of the summed targets; None (JSON null) over no target, never a fake score."""
         iou_sum, targets, inter, union = (float(x) for x in sums)
-        return {"giou": iou_sum / max(targets, 1), "ciou": inter / (union + 1e-10), "targets": int(targets)}
+        if not targets:
+            return {"giou": None, "ciou": None, "targets": 0}
+        return {"giou": iou_sum / targets, "ciou": inter / (union + 1e-10), "targets": int(targets)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,9 +209,13 @@ class MuseMeter:
 
     @staticmethod
     def result(sums: np.ndarray) -> dict[str, object]:
+        """Both metrics of the summed questions; None (JSON null) over no pair, never a fake score."""
         c, o, n = sums[:4], sums[4:8], sums[8:]
+        scored = bool(c[1])
         return {
-            "corrected": {"giou": c[0] / max(c[1], 1), "ciou": c[2] / c[3] if c[3] else 1.0, "pairs": int(c[1])},
-            "official": {"giou": o[0] / max(o[1], 1), "ciou": o[2] / (o[3] + 1e-10), "normaliser": int(o[1])},
+            "corrected": {"giou": c[0] / c[1] if scored else None,
+                          "ciou": (c[2] / c[3] if c[3] else 1.0) if scored else None, "pairs": int(c[1])},
+            "official": {"giou": o[0] / o[1] if o[1] else None, "ciou": o[2] / (o[3] + 1e-10) if scored else None,
+                         "normaliser": int(o[1])},
             "predictions": int(n[0]), "ground_truths": int(n[1]), "matched": int(n[2]),
         }

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_generation
 from pixellm_jax.data.dataset_io import load_image
 from pixellm_jax.data.sample import IMAGE_PLACEHOLDER
+from pixellm_jax.errors import writing
 from pixellm_jax.eval.answer_text import numbered_answer
 from pixellm_jax.eval.batches import BatchShape, EvalItem, pack
 from pixellm_jax.eval.generate import SamplingConfig
@@ -111,13 +112,14 @@ def overlay(image: np.ndarray, masks: np.ndarray) -> Image.Image:
 
 
 def write_prediction(prediction: Prediction, out_dir: str | Path) -> list[Path]:
-    """Write the overlay and the per-target masks; returns the files written."""
+    """Write the overlay and the per-target masks; returns the files written (OutputError if it cannot)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = prediction.image_path.stem
     files = [out_dir / f"{stem}_overlay.png"]
-    overlay(prediction.image, prediction.masks).save(files[0])
-    for k, mask in enumerate(prediction.masks):
-        files.append(out_dir / f"{stem}_mask_{k + 1}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(files[-1])
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        overlay(prediction.image, prediction.masks).save(files[0])
+        for k, mask in enumerate(prediction.masks):
+            files.append(out_dir / f"{stem}_mask_{k + 1}.png")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(files[-1])
     return files

@@ -3,8 +3,10 @@
 One optimizer step is `optim.grad_accum_steps` micro-batches (each one jitted step call); the run
 lasts `train.steps` optimizer steps (0: `optim.total_steps`). Every `train.log_every` steps the mean
 loss terms, gradient norm, learning rate, tokens/s, step time and MFU go to the terminal and to
-`metrics.jsonl` / TensorBoard; every `train.eval_every` steps (and at the end) the teacher-forced
-gIoU on held-out synthetic scenes is measured (when the run trains on synthetic data); every
+`metrics.jsonl` / TensorBoard, with what the input pipeline dropped by reason (`dropped/<reason>`,
+`drop_fraction`; past `data.max_drop_fraction` the run stops naming the dominant reason); every
+`train.eval_every` steps (and at the end) the held-out splits are scored (`heldout.py`: `data.val`, or
+held-out synthetic scenes when the run trains on synthetic data); every
 `train.save_every` steps (and at the end) a checkpoint is started. After each micro-batch the loop
 reads its metrics (a small device-to-host copy), which lets it react at once to a non-finite loss
 and to a preemption notice:
@@ -30,18 +32,20 @@ from typing import Callable
 import jax
 import numpy as np
 
-from pixellm_jax.config import Config, dump_config
-from pixellm_jax.data.pipeline import PipelineConfig
+from pixellm_jax.config import Config, dump_config, resolve_paths
+from pixellm_jax.data.pipeline import NothingUsable, PipelineConfig, TooManyDropped
+from pixellm_jax.data.token_lengths import conversation_lengths, describe, length_report
 from pixellm_jax.train import distributed
 from pixellm_jax.train.checkpoint import Checkpointer, write_model
-from pixellm_jax.train.data import eval_pipeline, load_tokenizer, training_pipeline, with_tokenizer_ids
+from pixellm_jax.train.data import load_tokenizer, tokenizer_directory, training_pipeline, with_tokenizer_ids
+from pixellm_jax.train.heldout import HeldOut, NothingScoredInValidation
 from pixellm_jax.train.mesh import batch_groups, batch_shardings, global_batch, make_mesh
 from pixellm_jax.train.metrics import MetricsWriter, peak_flops, step_flops
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.preemption import PreemptionWatch
 from pixellm_jax.train.state import init_state, state_layout
 from pixellm_jax.train.step import make_train_step
-from pixellm_jax.train.validation import evaluate, make_eval_step, write_overlays
+from pixellm_jax.train.validation import make_eval_step, write_overlays
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +62,14 @@ class TrainResult:
     preempted: bool
     skipped: int  # micro-batches skipped for non-finite values
     wall_seconds: float  # this invocation, start-up and compilation included
+    data: dict = dataclasses.field(default_factory=dict)  # what the input pipeline kept and dropped, by reason
 
 
 class Trainer:
     """A training run set up from a config: mesh, state (fresh or resumed), data, step, outputs."""
 
     def __init__(self, cfg: Config, echo: Callable[[str], None] | None = None):
+        cfg = resolve_paths(cfg)  # relative paths mean the working directory's, wherever they are used later
         self.started = time.perf_counter()
         self._compiled: set = set()
         distributed.initialize(cfg.train.distributed)
@@ -75,6 +81,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.hf_tokenizer, tokenizer = load_tokenizer(cfg, self.out)
         self.cfg = cfg = with_tokenizer_ids(cfg, self.hf_tokenizer, tokenizer)
+        self.tokenizer_dir = tokenizer_directory(cfg, self.out)
         if self.primary:
             (self.out / "config.yaml").write_text(dump_config(cfg))
         self.accum = cfg.optim.grad_accum_steps
@@ -92,11 +99,13 @@ class Trainer:
         self.train_step = make_train_step(self.layout, cfg, self.tx, self.mesh, self.shardings, groups)
         self.pipeline = training_pipeline(cfg, tokenizer, local_groups)
         self.iterator = iter(self.pipeline)
-        # The built-in held-out set is synthetic; benchmark evaluation is `pixellm eval` on a checkpoint.
-        evaluating = cfg.train.eval_batches > 0 and "synthetic" in cfg.data.datasets
-        self.eval_batches = list(eval_pipeline(cfg, tokenizer, local_groups)) if evaluating else []
+        self.lengths = length_report(
+            conversation_lengths(self.pipeline.sources, tokenizer, cfg.data.use_im_start_end, seed=cfg.seed),
+            cfg.data.token_buckets, pc.max_text_len)
+        self.echo(f"tokenizer {self.tokenizer_dir} ({len(self.hf_tokenizer)} tokens); {describe(self.lengths)}")
+        self.heldout = HeldOut(cfg, self.layout, tokenizer, self.hf_tokenizer, local_groups)
         self.eval_step = (make_eval_step(self.layout, cfg, self.mesh, self.shardings, groups)
-                          if self.eval_batches else None)
+                          if any(s.protocol == "teacher_forced" for s in self.heldout.splits) else None)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.train)
         self.writer = MetricsWriter(self.out)
         self.peak = peak_flops(cfg)
@@ -164,7 +173,7 @@ class Trainer:
                         self._log(step, window, tokens, flops, elapsed, progress)
                         window, tokens, flops, window_start = [], 0, 0.0, time.perf_counter()
                     evaluated = None
-                    if self.eval_batches and ((tc.eval_every and step % tc.eval_every == 0) or last):
+                    if self.heldout and ((tc.eval_every and step % tc.eval_every == 0) or last):
                         eval_metrics = evaluated = self._evaluate(step, progress, overlays=last)
                         window_start = time.perf_counter()
                     if (tc.save_every and step % tc.save_every == 0) or last:
@@ -179,11 +188,22 @@ class Trainer:
             path = write_model(self.out / "model", self.layout, self.state, self.frozen, self.cfg, self.hf_tokenizer)
             self.echo(f"wrote the trained model to {path} (pixellm eval / predict / export --checkpoint {path})")
         result = TrainResult(int(self.state.step), int(self.state.step) // self.accum, eval_metrics, preempted,
-                             int(self.state.skipped), time.perf_counter() - self.started)
+                             int(self.state.skipped), time.perf_counter() - self.started, self._data_counts())
         if self.primary:
-            summary = dataclasses.asdict(result) | {"best_checkpoint": best}
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            summary = dataclasses.asdict(result) | {
+                "best_checkpoint": best, "tokenizer": str(self.tokenizer_dir), "conversation_lengths": self.lengths,
+                "heldout_splits": self.heldout.names}
+            tmp = self.out / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.rename(self.out / "summary.json")
         return result
+
+    def _data_counts(self) -> dict:
+        """This invocation's pipeline counters: kept conversations, bad samples, drops by reason."""
+        stats = self.pipeline.stats
+        return {"kept_conversations": stats.conversations, "bad_samples": stats.bad_samples,
+                "dropped": dict(stats.dropped), "drop_fraction": stats.drop_fraction,
+                "samples_without_conversations": stats.samples_without_conversations}
 
     def _together(self, fn):
         """`fn` that, with several processes, is first compiled for each new batch shape and then waits
@@ -224,21 +244,29 @@ class Trainer:
         mean["tokens_per_s"] = tokens / elapsed
         mean["step_seconds"] = elapsed / len(window) * self.accum
         mean["skipped"] = float(self.state.skipped)
+        mean.update(self.pipeline.stats.as_metrics())
         if self.peak:
             mean["mfu"] = flops / elapsed / (self.peak * jax.device_count())
         self.writer.write(step, mean)
         mfu = f" | mfu {mean['mfu']:.1%}" if "mfu" in mean else ""
         losses = (f"loss {mean['total']:.4f} (ce {mean['ce']:.3f} bce {mean['bce']:.3f} dice {mean['dice']:.3f}) | "
                   f"grad norm {mean['grad_norm']:.3f}" if good else "every micro-batch skipped")
+        dropped = sum(self.pipeline.stats.dropped.values())
+        drops = f" | dropped {dropped} ({mean['drop_fraction']:.1%})" if dropped else ""
         progress.write(f"step {step}/{self.total_steps} | {losses} | lr {mean['lr']:.2e} | "
-                       f"{mean['tokens_per_s']:.0f} tok/s | {mean['step_seconds']:.3f} s/step{mfu}")
+                       f"{mean['tokens_per_s']:.0f} tok/s | {mean['step_seconds']:.3f} s/step{mfu}{drops}")
 
     def _evaluate(self, step: int, progress, overlays: bool) -> dict[str, float]:
         keep = 1 if overlays and self.cfg.train.overlays else 0
-        metrics, kept = evaluate(self._together(self.eval_step), self.state, self.frozen, self.eval_batches, self.shardings, keep)
+        eval_step = self._together(self.eval_step) if self.eval_step is not None else None
+        metrics, kept = self.heldout.evaluate(eval_step, self.state, self.frozen, self.shardings, keep)
         self.writer.write(step, metrics, kind="eval")
-        progress.write(f"eval @ step {step}: gIoU {metrics['giou']:.4f} cIoU {metrics['ciou']:.4f} "
-                       f"val loss {metrics['val_loss']:.4f} ({metrics['targets']:.0f} targets)")
+        for name in self.heldout.names:
+            m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{name}/")}
+            loss = f" val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
+            dropped = f", {m['dropped']:.0f} dropped" if m.get("dropped") else ""
+            progress.write(f"eval {name} @ step {step}: gIoU {m['giou']:.4f} cIoU {m['ciou']:.4f}{loss} "
+                           f"({m['targets']:.0f} targets{dropped})")
         if kept and self.primary:
             paths = write_overlays(self.out / "overlays", kept, self.hf_tokenizer, self.cfg.train.overlays,
                                    self.cfg.data.normalization)
@@ -286,12 +314,15 @@ def main(config: str, overrides: list[str]) -> int:
     from pixellm_jax.config import load_config
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(config, overrides)
+    cfg = resolve_paths(load_config(config, overrides))
     try:
         result = train(cfg)
     except NonFiniteError as e:
         print(f"pixellm train: {e}", file=sys.stderr)
         return 3
+    except (NothingUsable, TooManyDropped, NothingScoredInValidation) as e:
+        print(f"pixellm train: {e}", file=sys.stderr)
+        return 1
     if jax.process_index() == 0:
         status = "preempted, checkpoint saved" if result.preempted else "done"
         extra = "".join(f", {k} {v:.4f}" for k, v in result.eval_metrics.items() if k in ("giou", "ciou"))

@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_training
-from pixellm_jax.data.pipeline import InputPipeline, NothingUsable, PipelineConfig
+from pixellm_jax.data.pipeline import DROP_CHECK_AFTER, InputPipeline, NothingUsable, PipelineConfig, TooManyDropped
+from pixellm_jax.data.sample import DROP_REASONS
 from pixellm_jax.data.sample import BadSample, Conversation, Sample, Source
 from pixellm_jax.data.synthetic import SyntheticShapes
 from pixellm_jax.data.transforms import masks_to_canvas, preprocess_image
@@ -215,6 +216,32 @@ def test_bad_samples_skipped_and_counted(tok, caplog):
     assert all(b["pixels"].shape == (4, 56, 56, 3) for b in batches)
 
 
+def test_bad_samples_counted_by_reason(tok):
+    cfg = _cfg(num_epochs=1, drop_remainder=False, images_per_batch=4, conversations_per_batch=4)
+    pipe = InputPipeline([Flaky(40)], tok, cfg, process_index=0, process_count=1)
+    list(iter(pipe))
+    metrics = pipe.stats.as_metrics()
+    corrupt = sum(i % 5 == 0 for i in range(40))  # "corrupt image" (i % 5), mis-shaped masks otherwise
+    assert metrics["dropped/bad_image"] >= corrupt and metrics["bad_samples"] == pipe.stats.bad_samples
+    assert sum(metrics[f"dropped/{r}"] for r in DROP_REASONS) == pipe.stats.bad_samples
+    assert metrics["kept_conversations"] == pipe.stats.conversations > 0
+    assert 0 < metrics["drop_fraction"] < 1
+
+
+def test_drop_fraction_past_the_limit_stops_naming_the_reason(tok):
+    src = SyntheticShapes(num_samples=300, questions_per_image=1, kind_weights=(0.2, 0.8, 0))
+    cfg = _cfg(max_targets=1, max_drop_fraction=0.2)  # most questions have 2-3 targets
+    pipe = InputPipeline([src], tok, cfg, process_index=0, process_count=1)
+    with pytest.raises(TooManyDropped, match=r"data.max_drop_fraction=0.2.*most were too_many_targets.*"
+                                             r"raise model.head.max_targets"):
+        _take(iter(pipe), 100)
+    assert pipe.stats.units >= DROP_CHECK_AFTER
+    # Under the limit (or with none) the same data just runs, counted.
+    pipe = InputPipeline([src], tok, _cfg(max_targets=1), process_index=0, process_count=1)
+    _take(iter(pipe), 5)
+    assert pipe.stats.drop_fraction > 0.2
+
+
 def test_bad_samples_raise_by_flag(tok):
     pipe = InputPipeline([Flaky(40)], tok, _cfg(on_bad_sample="raise"), process_index=0, process_count=1)
     with pytest.raises(BadSample, match=r"flaky:\d+: (corrupt image|conversation 0 masks)"):
@@ -234,8 +261,9 @@ def test_overflow_is_dropped_and_counted(tok):
     pipe = InputPipeline([single], tok, _cfg(max_targets=1, num_epochs=1, drop_remainder=False),
                          process_index=0, process_count=1)
     kept = sum(int(b["image_valid"].sum()) for b in iter(pipe))
-    dropped = pipe.stats.dropped["sample_without_conversations"]
+    dropped = pipe.stats.samples_without_conversations
     assert dropped > 0 and dropped == pipe.stats.dropped["too_many_targets"] and kept + dropped == 30
+    assert pipe.stats.conversations == kept and pipe.stats.drop_fraction == dropped / 30
 
 
 def test_truncation_drops_cut_targets_and_long_conversations(tok):
@@ -250,18 +278,19 @@ def test_truncation_drops_cut_targets_and_long_conversations(tok):
     pipe = InputPipeline([src], tok, _cfg(token_buckets=[130, 150]), process_index=0, process_count=1)
     for b in _take(iter(pipe), 3):
         assert b["input_ids"].shape[1] in (130, 150)
-    assert pipe.stats.dropped["longer_than_largest_bucket"] > 0
+    assert pipe.stats.dropped["too_long"] > 0
 
 
 def test_config_that_drops_everything_raises_instead_of_spinning(tok):
     src = SyntheticShapes(num_samples=30, questions_per_image=1)
     pipe = InputPipeline([src], tok, _cfg(model_max_length=112, token_buckets=[109]), process_index=0, process_count=1)
-    with pytest.raises(NothingUsable, match=r"last 31 records of \['synthetic.*targets_truncated.*model_max_length \(112\)"):
+    with pytest.raises(NothingUsable, match=r"last 31 records of \['synthetic.*most were targets_truncated.*"
+                                            r"raise data.model_max_length"):
         next(iter(pipe))
     # A finite stream whose only epoch is dropped whole just ends.
     pipe = InputPipeline([src], tok, _cfg(model_max_length=112, token_buckets=[109], num_epochs=1),
                          process_index=0, process_count=1)
-    assert list(pipe) == [] and pipe.stats.dropped["sample_without_conversations"] == 30
+    assert list(pipe) == [] and pipe.stats.samples_without_conversations == 30
 
 
 def test_config_and_inputs_validated(tok):

@@ -43,7 +43,7 @@ def test_packing_rows_images_and_padding():
     shape = BatchShape(images=2, rows=4, image_size=28, token_buckets=(160, 256), canvas_step=16)
     skipped = []
     batches = list(eval_batches(Shapes(), tokenizer(), "generate", shape, skipped=skipped))
-    assert skipped == ["shapes:3"]
+    assert skipped == [("shapes:3", "corrupt")]
     got = [[(it.sample_index, it.conversation) for it in b.items] for b in batches]
     # rows fill up to 4, images up to 2; sample 2 (4 questions) continues in the next batch
     assert got == [[(0, 0), (0, 1), (0, 2), (1, 0)], [(2, 0), (2, 1), (2, 2), (2, 3)], [(4, 0), (4, 1)]]
@@ -109,13 +109,15 @@ def test_numbered_answer():
     assert number_placeholders("a is [SEG] and b is [SEG].") == "a is [1] and b is [2]."
 
 
-def test_split_specs():
+def test_split_specs(tmp_path):
     s = parse_split("mine=synthetic:num_samples=3,seed=2")
     assert (s.name, s.protocol, len(s.source)) == ("mine", "generate", 3)
     assert isinstance(s.source, SyntheticShapes) and s.source.seed == 2
     assert parse_split("synthetic:num_samples=2,protocol=teacher_forced").protocol == "teacher_forced"
-    with pytest.raises(ValueError, match="needs root"):
-        parse_split("refer:dataset=refcoco")
+    with pytest.raises(ValueError, match="needs data_dir"):
+        parse_split("tfds:name=pixellm_records/synthetic,split=val")
+    with pytest.raises(ValueError, match="names 4 datasets"):
+        parse_split("refer_seg", dataset_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown kind"):
         parse_split("coco:x=1")
     with pytest.raises(ValueError, match="protocol"):
