@@ -28,6 +28,28 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canvas-step", type=int, default=128, help="masks are computed on canvases rounded to this")
 
 
+# Arguments that name files or directories: made absolute once, here, so that every layer below (Orbax
+# among them) sees the path the user meant from the directory the command ran in.
+PATH_ARGS = ("checkpoint", "out", "image", "source", "clip", "tokenizer", "root", "image_dir", "dataset_dir")
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pixellm_jax.data.specs import absolute_spec
+
+    for name in PATH_ARGS:
+        if name == "source" and args.command != "convert":  # prepare-data --source names a dataset kind
+            continue
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value and "://" not in value:
+            setattr(args, name, str(Path(value).absolute()))
+    if getattr(args, "split", None) and args.command == "eval":
+        args.split = [absolute_spec(s) for s in args.split]
+    if getattr(args, "dataset", None):
+        args.dataset = [absolute_spec(s) for s in args.dataset]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixellm", description="PixelLM in JAX/Flax NNX")
     debug_help = "show the traceback of an error, not one line"
@@ -43,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", action="append", required=True, metavar="[NAME=]KIND:key=value,...",
                    help="a split to evaluate, e.g. refcoco_val=refer:root=data/refer_seg,dataset=refcoco,split=val "
                         "or muse:json=data/muse_val.json,images=data/coco (repeatable; see pixellm_jax/eval/splits.py)")
+    p.add_argument("--dataset-dir", default="dataset",
+                   help="the official ./dataset layout that splits named without paths are read from")
     p.add_argument("--num-points", type=int, default=12544, help="points of the MUSE matching cost")
     p.add_argument("--judge", action="store_true", help="also write LLM-judge prompts for generated answers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("train", help="train (or resume) a run: sharded, checkpointed, preemption-safe")
     _add_config_args(p)
+
+    p = sub.add_parser("build-tokenizer", help="build a small SentencePiece tokenizer from a config's training "
+                                               "data (for runs from scratch; train.tokenizer=OUT uses it)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="tokenizer directory to write (tokenizer.model + config)")
+    p.add_argument("--dataset", action="append", metavar="SPEC",
+                   help="build from these dataset specs instead of the config's data.datasets (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing tokenizer directory")
 
     p = sub.add_parser("prepare-data", help="turn a raw dataset into a TFDS ArrayRecord dataset (read with TfdsSource)")
     p.add_argument("--source", required=True, help="refcoco, refcoco+, refcocog, refclef, muse or synthetic")
@@ -78,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     args = parser.parse_args(argv)
     try:
+        _absolute_paths(args)
         if args.command == "describe":
             from pixellm_jax.describe import describe
 
             describe(args.config, args.overrides, run_tiny=args.run_tiny)
+        elif args.command == "build-tokenizer":
+            from pixellm_jax.train.data import build_tokenizer_command
+
+            return build_tokenizer_command(args)
         elif args.command == "train":
             from pixellm_jax.train.loop import main as train_main
 

@@ -1,8 +1,18 @@
 """Config loading: YAML -> typed dataclasses, overrides, and errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
-from pixellm_jax.config import CONFIG_DIR, ConfigError, Config, dump_config, load_config
+from pixellm_jax.config import (
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    dump_config,
+    load_config,
+    resolve_config_path,
+    resolve_paths,
+)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
@@ -78,3 +88,59 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "b.yaml")
     (tmp_path / "d.yaml").write_text(f"base: {CONFIG_DIR / 'tiny.yaml'}\nmodel:\n  text:\n    hidden_size: 96\n")
     assert load_config(tmp_path / "d.yaml").model.text.hidden_size == 96
+
+
+def test_resolve_paths(tmp_path, monkeypatch):
+    cfg = load_config("demo", [
+        "train.init_from=gs://bucket/base", f"train.tokenizer={tmp_path}/tok",
+        'data.datasets=["muse:json=d/m.json,images=/coco", "synthetic"]', "data.sample_rates=[1.0, 1.0]",
+        'data.val=["refcoco:root=ref,dataset=refcoco", "tfds:name=pixellm_records/muse,split=val,data_dir=gs://b/r"]',
+    ])  # fmt: skip
+    work = tmp_path / "work"
+    r = resolve_paths(cfg, work)
+    t = r.train
+    assert (t.output_dir, t.compilation_cache, t.dataset_dir) == (
+        str(work / "runs/demo"), str(work / "runs/.xla_cache"), str(work / "dataset"))
+    assert (t.init_from, t.tokenizer) == ("gs://bucket/base", f"{tmp_path}/tok")
+    assert r.data.datasets == [f"muse:json={work}/d/m.json,images=/coco", "synthetic"]
+    assert r.data.val == [f"refcoco:root={work}/ref,dataset=refcoco", cfg.data.val[1]]
+    assert (r.model, r.optim, r.data.sample_rates) == (cfg.model, cfg.optim, cfg.data.sample_rates)
+    assert resolve_paths(r, tmp_path / "elsewhere") == r
+    assert resolve_paths(load_config("demo", ["train.compilation_cache=''"]), work).train.compilation_cache == ""
+    monkeypatch.chdir(tmp_path)
+    assert resolve_paths(cfg).train.output_dir == str(Path.cwd() / "runs/demo")
+
+
+def test_config_name_not_shadowed_by_a_folder(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "demo.yaml").write_text("seed: 7\n")
+    (tmp_path / "mine.yaml").write_text(f"base: {CONFIG_DIR / 'demo.yaml'}\nseed: 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("demo") == CONFIG_DIR / "demo.yaml"
+    cfg = load_config("demo")
+    assert cfg == load_config(CONFIG_DIR / "demo.yaml") and cfg.name == "demo" and cfg.seed == 0
+    assert resolve_config_path("mine.yaml") == Path.cwd() / "mine.yaml"  # a file path is read from the cwd
+    assert load_config("mine.yaml").seed == 3
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ('data.datasets=["nope"]', "data.datasets[0]: dataset 'nope': unknown kind"),
+        ('data.datasets=["muse:json"]', "data.datasets[0]: dataset 'muse:json': expected key=value"),
+        ('data.val=["synthetic", "muse:limit=0"]', "data.val[1]: dataset 'muse:limit=0': limit"),
+        ('data.val=["refcoco:protocol=fast"]', "data.val[0]"),
+        ("data.max_drop_fraction=1.5", "data.max_drop_fraction"),
+        ("data.max_drop_fraction=-0.1", "data.max_drop_fraction"),
+        ("data.max_drop_fraction=null", None),  # valid: control cases
+        ("data.max_drop_fraction=1", None),
+        ('data.val=["muse:json=v.json,protocol=teacher_forced"]', None),
+    ],
+)
+def test_bad_data_values_name_the_key(override, key):
+    if key is None:
+        load_config("demo", [override])
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert key in str(e.value)

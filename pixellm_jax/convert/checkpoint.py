@@ -129,7 +129,7 @@ def staged_output(out: str | Path, force: bool = False) -> Iterator[Path]:
     On an error the staging directory is removed and `out` is left as it was. With several processes
     the directory operations are process 0's; the others wait for them.
     """
-    out = Path(out)
+    out = Path(out).absolute()
     check_output(out, force)
     stage = out.parent / f".{out.name}.partial"
     primary = jax.process_index() == 0
@@ -190,6 +190,7 @@ def save_params(directory: Path, params: Mapping[str, np.ndarray | jax.Array]) -
     not used: Orbax chunks by divisors, and a prime vocabulary size such as 32009 would give
     one-column chunks.)
     """
+    directory = Path(directory).absolute()  # Orbax refuses relative paths
     ocp, checkpointer = _checkpointer(sharded=any(isinstance(v, jax.Array) for v in params.values()))
     tree = _nest(params)
 
@@ -239,7 +240,7 @@ def restore_params(directory: str | Path, model_cfg: ModelConfig, mesh: Mesh | N
     Saved and expected parameter sets and shapes are compared first; a mismatch is one error that
     names every differing path.
     """
-    directory = Path(directory)
+    directory = Path(directory).absolute()
     _require_files(directory)
     import orbax.checkpoint as ocp
 
@@ -290,7 +291,7 @@ def load_pretrained(directory: str | Path, mesh: Mesh | None = None, overrides: 
     change parameter shapes are refused with the differing paths. With `mesh`, every array is restored
     directly into its sharding.
     """
-    directory = Path(directory)
+    directory = Path(directory).absolute()
     _require_files(directory)
     try:
         cfg = load_config(directory / CONFIG_FILE, overrides)

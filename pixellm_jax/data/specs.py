@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 
 from pixellm_jax.data.sample import Sample, Source
+from pixellm_jax.errors import UserError
 
 Purpose = Literal["train", "eval"]
 PROTOCOLS = ("teacher_forced", "generate")
@@ -47,7 +48,7 @@ PATH_KEYS = ("json", "images", "root", "image_dir", "data_dir")
 REFERRING_RECORDS = ("refer", "ref_coco")
 
 
-class SpecError(ValueError):
+class SpecError(ValueError, UserError):
     """A dataset spec that cannot be parsed or opened; the message names the spec and the key."""
 
 
@@ -69,7 +70,10 @@ def _parse_options(text: str, spec: str) -> dict:
         if "=" not in part:
             raise SpecError(f"dataset {spec!r}: expected key=value, got {part!r}")
         key, value = part.split("=", 1)
-        parsed = yaml.safe_load(value) if value else ""
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:  # not a YAML scalar (e.g. a path starting with '@' or '['): kept as written
+            parsed = None
         options[key.strip()] = value if isinstance(parsed, (dict, list)) or parsed is None else parsed
     return options
 

@@ -44,7 +44,7 @@ def _decoder(loaded: Loaded):
 
 def eval_command(args: argparse.Namespace, loaded: Loaded) -> dict:
     """Evaluate the named splits; writes metrics.json and per-sample JSONL into args.out."""
-    splits = [parse_split(s) for s in args.split]
+    splits = [parse_split(s, args.dataset_dir) for s in args.split]
     runner = BatchRunner(loaded.model)
     settings = EvalSettings(shape=batch_shape(loaded, runner, args), sampling=sampling(args), seed=args.seed,
                             num_points=args.num_points, judge=args.judge)

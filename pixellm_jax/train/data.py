@@ -27,7 +27,7 @@ import numpy as np
 
 from pixellm_jax.config import Config, ConfigError
 from pixellm_jax.data.conversation import LegacyTokenizer, training_prompt
-from pixellm_jax.data.pipeline import InputPipeline, PipelineConfig
+from pixellm_jax.data.pipeline import InputPipeline, PipelineConfig, PipelineStats
 from pixellm_jax.data.sample import BadSample, Source
 from pixellm_jax.data.specs import DatasetSpec, SpecContext, SpecError, default_name, open_spec, parse_spec, protocol_of
 from pixellm_jax.data.synthetic import SyntheticShapes
@@ -77,16 +77,18 @@ def source_texts(sources: list[Source], count: int = TEXT_RECORDS, seed: int = 0
     rng = np.random.default_rng(seed)
     texts = list(CHAT_TEXTS)
     per_source = max(1, count // len(sources))
+    bad = PipelineStats()
     for source in sources:
         for index in np.linspace(0, len(source) - 1, min(per_source, len(source))).astype(int):
             try:
                 sample = source.get(int(index), rng)
-            except (BadSample, ValueError):
+            except BadSample as e:
+                bad.drop(e.category, f"{e.sample_id}: {e.reason}")
                 continue
             texts += [training_prompt(c.turns, use_im_start_end=False) for c in sample.conversations]
     if len(texts) == len(CHAT_TEXTS):
-        raise ConfigError(f"data.datasets: none of the {per_source * len(sources)} records read to build the "
-                          "tokenizer could be used (see the warnings above); check the datasets' paths")
+        raise ConfigError(f"data.datasets: none of the {sum(bad.dropped.values())} records read to build the "
+                          f"tokenizer could be used: {bad.dominant()}")
     return texts
 
 
@@ -109,6 +111,32 @@ def build_tokenizer(cfg: Config, directory: Path) -> Path:
     pieces = built_tokenizer_pieces(cfg)
     sources, _ = training_sources(cfg)
     return build_tiny_tokenizer(directory, pieces, source_texts(sources, seed=cfg.seed))
+
+
+def build_tokenizer_command(args) -> int:
+    """`pixellm build-tokenizer`: the tokenizer a from-scratch run of the config would build, from its
+    data.datasets (or the `--dataset` specs), written to `--out` (beside, then renamed)."""
+    import shutil
+
+    from pixellm_jax.config import load_config, resolve_paths
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    if args.dataset:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, datasets=list(args.dataset),
+                                                                sample_rates=[1.0] * len(args.dataset)))
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out: {out} already exists; pass --force to replace it")
+    stage = out.parent / f".{out.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    build_tokenizer(cfg, stage)
+    if out.exists():
+        shutil.rmtree(out)
+    stage.rename(out)
+    pieces = built_tokenizer_pieces(cfg)
+    print(f"wrote {out}: {pieces} pieces from {', '.join(cfg.data.datasets)} "
+          f"(use it with train.tokenizer={out})")
+    return 0
 
 
 def tokenizer_directory(cfg: Config, output_dir: Path) -> Path:

@@ -15,6 +15,7 @@ split's pass dropped is counted beside its metrics (`<split>/dropped`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Callable
 
@@ -135,11 +136,13 @@ class HeldOut:
                 last = _padded(local, longest, self.tokenizer.pad_id) if local is not None else _idle(last)
                 yield last
 
-        before = sum(pipeline.stats.dropped.values())
+        before = collections.Counter(pipeline.stats.dropped)
         metrics, kept = evaluate(eval_step, state, frozen, batches(), shardings, keep)
         stats = pipeline.stats
-        metrics["dropped"] = float(sum(stats.dropped.values()) - before)
-        if metrics["dropped"]:
+        dropped = stats.dropped - before  # this pass's
+        metrics["dropped"] = float(sum(dropped.values()))
+        metrics.update({f"dropped/{reason}": float(n) for reason, n in sorted(dropped.items())})
+        if dropped:
             metrics["dropped_detail"] = stats.dominant()
         return metrics, kept
 
@@ -168,5 +171,6 @@ class HeldOut:
         out = {"giou": corrected["giou"], "ciou": corrected["ciou"], "targets": float(m["ground_truths"]),
                "official_giou": m["official"]["giou"], "rows": float(m["rows"]),
                "dropped": float(m.get("skipped_samples", 0))}
+        out.update({f"dropped/{reason}": float(n) for reason, n in m.get("skipped_by_reason", {}).items() if n})
         return {k: v for k, v in out.items() if v is not None}
 

@@ -21,7 +21,7 @@ def test_demo_shortened_runs_end_to_end(tmp_path, compile_cache, capsys):
                      "train.eval_every=2", "train.eval_batches=1", "train.save_every=2", "train.overlays=2"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "step 4/4" in printed and "eval @ step 4: gIoU" in printed
+    assert "step 4/4" in printed and "eval synthetic @ step 4: gIoU" in printed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
