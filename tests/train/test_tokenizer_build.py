@@ -63,7 +63,7 @@ def test_cli(tmp_path, capsys):
             "data.sample_rates=[1.0]"]
     assert main(args) == 0
     assert f"wrote {out}: 640 pieces from {spec}" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model", "tokenizer.vocab", "tokenizer_config.json"]
+    assert {"tokenizer.model", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     tok = AutoTokenizer.from_pretrained(str(out))
     assert len(tok) == 640 and tok(WORDS).input_ids[0] == tok.bos_token_id == 1
     assert tok.decode(tok(WORDS).input_ids, skip_special_tokens=True) == WORDS
