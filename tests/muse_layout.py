@@ -1,7 +1,7 @@
 """A small MUSE-release-layout dataset written where a test chooses, with planted bad records.
 
-`write_muse_layout(root, ...)` writes `<root>/<name>.json` and images under `<root>/pics/train2014/`
-(the MUSE JSON names COCO train2014 files; the image root is `<root>/pics`). Each image holds two or
+`write_muse_layout(root, ...)` writes `<root>/<name>.json` and images under `<root>/<images>/train2014/`
+(the MUSE JSON names COCO train2014 files; the image root is `<root>/<images>`). Each image holds two or
 three coloured rectangles; each record has two questions answered in the released `text_answers`
 form with one `{seg}` per target and COCO polygon segmentations. `bad` plants, per reason, that many
 records (or questions) that the pipeline must drop and count:
@@ -35,11 +35,11 @@ def _instance(name, box):
 
 
 def write_muse_layout(root: Path, name: str = "train", records: int = 12, seed: int = 0, size: int = 48,
-                      bad: dict[str, int] | None = None) -> Path:
-    """Write the dataset; returns the JSON path (images under `root / "pics"`)."""
+                      bad: dict[str, int] | None = None, images: str = "pics") -> Path:
+    """Write the dataset; returns the JSON path (images under `root / images`)."""
     bad = dict(bad or {})
     rng = np.random.default_rng(seed)
-    image_dir = root / "pics" / "train2014"
+    image_dir = root / images / "train2014"
     image_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(records):

@@ -1,0 +1,116 @@
+"""The README is the contract: every `pixellm` command it shows is run here as written, from a fresh
+working directory with relative paths (training shortened by overrides appended to it), or is listed
+in `NEEDS_REAL_DATA` with the reason. A command added to the README without an entry here fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pixellm_jax.cli import main as cli_main
+from tests.convert import fixtures as fx
+from tests.data.test_refer import write_refer
+from tests.muse_layout import write_muse_layout
+from tests.train.conftest import SMALL
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+SHORT_TRAIN = [*SMALL, "train.steps=2", "train.eval_every=2", "train.eval_batches=1", "train.save_every=2",
+               "train.overlays=1"]
+SHORT_INFERENCE = ["--max-new-tokens", "16", "--images-per-batch", "2", "--rows-per-batch", "2"]
+TINY_CONVERT = ["--config", "tiny", "--no-progress"]  # the fixtures are tiny releases, not 7B ones
+
+# Inline code spans that show a command's syntax, not a command to run.
+SYNOPSES = {"pixellm train --config CONFIG [section.field=value ...]", "pixellm --debug ...", "pixellm eval --split"}
+NEEDS_REAL_DATA = {
+    "pixellm train --config pixellm_7b": "a converted LLaVA-7B base and the official datasets",
+    "pixellm prepare-data --source refcoco": "tests/data/test_tfds.py prepares REFER fixtures (needs TensorFlow)",
+}
+
+
+def readme_commands() -> list[str]:
+    """Every `pixellm ...` command of the README: lines of its bash blocks (with continuations and
+    without comments) and inline code spans that pass options."""
+    text = README.read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line.startswith("pixellm "):
+                commands.append(" ".join(line.split()))
+    for span in re.findall(r"`(pixellm [^`]*--[^`]*)`", text):
+        span = " ".join(span.split())
+        if span not in commands and span not in SYNOPSES:
+            commands.append(span)
+    return commands
+
+
+def _prepare_inputs(root: Path) -> None:
+    """What the README's examples read, written where they say (relative to the working directory)."""
+    write_muse_layout(root / "my_data", "train", records=10, seed=0, images="images")
+    write_muse_layout(root / "my_data", "val", records=4, seed=1, images="images")
+    write_muse_layout(root / "data", "muse_val", records=3, seed=2, images="coco")
+    write_refer(root / "data" / "refer_seg", extra_sents=3)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "photo.jpg")
+    fx.write_pixellm_release(root / "ckpt" / "PixelLM-7B")
+    fx.write_clip(root / "ckpt" / "clip-vit-large-patch14-336")
+    fx.write_llava(root / "ckpt" / "LLaVA-Lightning-7B-v1-1", "mlp2x_gelu")
+    fx.write_llava_hf(root / "ckpt" / "llava-1.5-7b-hf")
+
+
+def _extra(argv: list[str]) -> list[str]:
+    """The shortening overrides of one command."""
+    command = argv[1]
+    if command == "train":
+        return SHORT_TRAIN
+    if command == "eval":
+        return [*SHORT_INFERENCE, "--no-progress"]
+    if command == "predict":
+        return SHORT_INFERENCE
+    if command == "convert":
+        return TINY_CONVERT
+    if command == "export":
+        return ["--no-progress"] if "peft" not in argv else []
+    return []
+
+
+def _check_outputs(cwd: Path) -> None:
+    demo = cwd / "runs" / "demo"
+    assert (demo / "model" / "params").is_dir() and (demo / "overlays" / "overlay_00.png").is_file()
+    summary = json.loads((demo / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["heldout_splits"] == ["synthetic"]
+    mine = json.loads((cwd / "runs" / "mine" / "summary.json").read_text())
+    assert mine["heldout_splits"] == ["val"] and "val/giou" in mine["eval_metrics"]
+    assert (cwd / "my_tok" / "tokenizer.model").is_file()
+    metrics = json.loads((cwd / "results" / "metrics.json").read_text())
+    assert set(metrics) == {"refcoco_val", "multi", "muse"} and metrics["muse"]["rows"] > 0
+    assert (cwd / "pred" / "photo_overlay.png").is_file()
+    for directory in ("ckpt/pixellm-7b", "ckpt/base", "ckpt/llava15"):
+        assert (cwd / directory / "params").is_dir(), directory
+    assert list((cwd / "out" / "hf_model").glob("pytorch_model*.bin"))
+    assert (cwd / "out" / "llava-hf").is_dir() and (cwd / "out" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, compile_cache):
+    commands = readme_commands()
+    assert len(commands) >= 15, commands
+    cwd = tmp_path / "fresh"
+    (cwd / "demo").mkdir(parents=True)  # a folder named like the config must not shadow it
+    _prepare_inputs(cwd)
+    monkeypatch.chdir(cwd)
+    ran = []
+    for command in commands:
+        if any(command.startswith(prefix) for prefix in NEEDS_REAL_DATA):
+            continue
+        argv = shlex.split(command)
+        code = cli_main(argv[1:] + _extra(argv))
+        assert code == 0, f"README command failed ({code}): {command}"
+        ran.append(command)
+    assert {c.split()[1] for c in ran} >= {"train", "build-tokenizer", "eval", "predict", "convert", "export",
+                                           "describe"}
+    _check_outputs(cwd)
