@@ -110,9 +110,9 @@ def absolute_spec(spec: str, cwd: str | os.PathLike | None = None) -> str:
     parts = []
     for part in filter(None, opts.split(",")):
         key, _, value = part.partition("=")
+        value = value.strip()
         if key.strip() in PATH_KEYS and value and not _is_url(value) and not Path(value).is_absolute():
-            value = str((base / value).absolute())
-            part = f"{key}={value}"
+            part = f"{key.strip()}={(base / value).absolute()}"
         parts.append(part)
     return f"{head}:{','.join(parts)}"
 

@@ -35,6 +35,7 @@ import numpy as np
 from pixellm_jax.config import Config, dump_config, resolve_paths
 from pixellm_jax.data.pipeline import NothingUsable, PipelineConfig, TooManyDropped
 from pixellm_jax.data.token_lengths import conversation_lengths, describe, length_report
+from pixellm_jax.errors import writing
 from pixellm_jax.train import distributed
 from pixellm_jax.train.checkpoint import Checkpointer, write_model
 from pixellm_jax.train.data import load_tokenizer, tokenizer_directory, training_pipeline, with_tokenizer_ids
@@ -78,7 +79,8 @@ class Trainer:
         self.primary = jax.process_index() == 0
         self.echo = echo or (functools.partial(print, flush=True) if self.primary else (lambda _: None))
         self.out = Path(cfg.train.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        with writing(self.out):
+            self.out.mkdir(parents=True, exist_ok=True)
         self.hf_tokenizer, tokenizer = load_tokenizer(cfg, self.out)
         self.cfg = cfg = with_tokenizer_ids(cfg, self.hf_tokenizer, tokenizer)
         self.tokenizer_dir = tokenizer_directory(cfg, self.out)
