@@ -111,7 +111,7 @@ def test_matches_transformers_on_padded_batch(kv_heads):
     assert max_diff_valid(out.hidden, ref.hidden_states[-1].numpy(), mask) <= TOL
     # the input-embeddings entry point is the same function
     out_e = model(input_embeds=model.embed(jnp.asarray(ids)), attention_mask=jnp.asarray(mask))
-    assert max_diff_valid(out_e.logits, out.logits, mask) <= 1e-6
+    assert max_diff_valid(out_e.logits, out.logits, mask) <= TOL  # two programs: a few ulps apart
 
 
 def _with_lora_values(model: LlamaModel, seed: int = 3) -> None:
