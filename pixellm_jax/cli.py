@@ -30,7 +30,8 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
 
 # Arguments that name files or directories: made absolute once, here, so that every layer below (Orbax
 # among them) sees the path the user meant from the directory the command ran in.
-PATH_ARGS = ("checkpoint", "out", "image", "source", "clip", "tokenizer", "root", "image_dir", "dataset_dir")
+PATH_ARGS = ("checkpoint", "out", "image", "source", "clip", "tokenizer", "root", "image_dir", "dataset_dir",
+             "run_dir")
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="build from these dataset specs instead of the config's data.datasets (repeatable)")
     p.add_argument("--force", action="store_true", help="replace an existing tokenizer directory")
 
+    p = sub.add_parser("checkpoints", help="list a run's checkpoints with step, metrics and verification status")
+    p.add_argument("run_dir", help="the run's train.output_dir")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="list only; do not restore and check")
+
     p = sub.add_parser("prepare-data", help="turn a raw dataset into a TFDS ArrayRecord dataset (read with TfdsSource)")
     p.add_argument("--source", required=True, help="refcoco, refcoco+, refcocog, refclef, muse or synthetic")
     p.add_argument("--root", help="the dataset in its released layout: the REFER root (refer_seg/), or the folder "
@@ -119,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             from pixellm_jax.train.data import build_tokenizer_command
 
             return build_tokenizer_command(args)
+        elif args.command == "checkpoints":
+            from pixellm_jax.train.checkpoints_command import checkpoints_command
+
+            return checkpoints_command(args)
         elif args.command == "train":
             from pixellm_jax.train.loop import main as train_main
 

@@ -8,6 +8,7 @@ values of the wrong type and impossible combinations raise `ConfigError` naming 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -246,6 +247,11 @@ class TrainConfig:
     async_checkpointing: bool = True
     resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
     max_consecutive_nonfinite: int = 10  # that many skipped (non-finite) micro-batches in a row stop the run
+    # Reject (skip) an update larger than this times the trainable parameters (global L2 norms), the
+    # symptom of a learning rate far too large; 0 = no limit. Non-finite updated states are always rejected.
+    max_update_ratio: float = 0.0
+    # Resume from this checkpoint step instead of the newest one that verifies; -1 = the newest.
+    resume_step: int = -1
     # "official": PixelLM's trainable set (models/trainable.py); "all": every parameter but the CLIP tower
     # (and it too with model.vision.trainable), for models trained from scratch (the demo), where a
     # frozen random LLM would be a poor start.
@@ -469,11 +475,27 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _require_finite(node: Any, key: str) -> None:
+    """Every float in the dataclass tree `node` (lists included) is finite (no NaN or infinity)."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _require_finite(getattr(node, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(node, list):
+        for i, x in enumerate(node):
+            _require_finite(x, f"{key}[{i}]")
+    elif isinstance(node, float):
+        _require(math.isfinite(node), key, f"must be finite, got {node}")
+
+
 def validate(cfg: Config) -> None:
-    """Raise ConfigError for impossible combinations, naming the offending key."""
+    """Raise ConfigError for values outside their domain and impossible combinations, naming the key."""
+    _require_finite(cfg, "")
+    _require(0 <= cfg.seed < 2**32, "seed", "must be in [0, 2^32)")
     v, t, lo, h = cfg.model.vision, cfg.model.text, cfg.model.lora, cfg.model.head
-    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size", "image_size"):
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size", "image_size",
+                 "pretrained_image_size"):
         _require(getattr(v, name) > 0, f"model.vision.{name}", "must be positive")
+    _require(v.layer_norm_eps > 0, "model.vision.layer_norm_eps", "must be positive")
     _require(v.hidden_size % v.num_heads == 0, "model.vision.num_heads",
              f"must divide model.vision.hidden_size={v.hidden_size}")
     _require(v.image_size % v.patch_size == 0, "model.vision.image_size",
@@ -486,7 +508,8 @@ def validate(cfg: Config) -> None:
                  f"{layer} is outside the {n_states} hidden states of a {v.num_layers}-layer tower")
     _require(len(v.feature_layers) >= 1, "model.vision.feature_layers", "needs at least one layer")
 
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "max_position_embeddings", "rms_norm_eps", "rope_theta"):
         _require(getattr(t, name) > 0, f"model.text.{name}", "must be positive")
     _require(t.hidden_size % t.num_heads == 0, "model.text.num_heads",
              f"must divide model.text.hidden_size={t.hidden_size}")
@@ -496,6 +519,7 @@ def validate(cfg: Config) -> None:
 
     if lo.enabled:
         _require(lo.rank > 0, "model.lora.rank", "must be positive")
+        _require(lo.alpha > 0, "model.lora.alpha", "must be positive")
         _require(0.0 <= lo.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
         allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         for i, tgt in enumerate(lo.targets):
@@ -506,13 +530,15 @@ def validate(cfg: Config) -> None:
     _require(p.llm_grid > 0 and v.grid % p.llm_grid == 0, "model.projector.llm_grid",
              f"must divide the vision grid {v.grid} (= image_size / patch_size)")
 
-    _require(h.seg_token_num >= 1, "model.head.seg_token_num", "must be >= 1")
-    _require(h.scale_num >= 1, "model.head.scale_num", "must be >= 1")
+    for name in ("seg_token_num", "scale_num", "out_dim", "decoder_depth", "decoder_heads", "decoder_mlp_dim",
+                 "attention_downsample"):
+        _require(getattr(h, name) >= 1, f"model.head.{name}", "must be >= 1")
     _require(h.scale_num <= len(v.feature_layers), "model.head.scale_num",
              f"needs that many model.vision.feature_layers (have {len(v.feature_layers)})")
     _require(h.out_dim % h.decoder_heads == 0, "model.head.decoder_heads", f"must divide out_dim={h.out_dim}")
-    _require((h.out_dim // h.attention_downsample) % h.decoder_heads == 0, "model.head.attention_downsample",
-             "out_dim / attention_downsample must be divisible by decoder_heads")
+    attention_dim = h.out_dim // h.attention_downsample
+    _require(attention_dim > 0 and attention_dim % h.decoder_heads == 0, "model.head.attention_downsample",
+             "out_dim / attention_downsample must be a positive multiple of decoder_heads")
     _require(h.out_dim % 8 == 0, "model.head.out_dim", "must be a multiple of 8 (upscaling to out_dim/8)")
     _require(h.num_mask_tokens >= 1, "model.head.num_mask_tokens", "must be >= 1")
     _require(h.max_targets >= 1, "model.head.max_targets", "must be >= 1")
@@ -536,10 +562,22 @@ def validate(cfg: Config) -> None:
     _require(cfg.model.attention != "cudnn" or cfg.model.dtype == "bfloat16", "model.attention",
              "'cudnn' runs in bfloat16 only; set model.dtype=bfloat16 or use 'jax'")
 
-    _require(cfg.loss.refinement_alpha >= 1.0, "loss.refinement_alpha", "must be >= 1")
+    ls = cfg.loss
+    for name in ("ce_weight", "bce_weight", "dice_weight", "refinement_weight"):
+        _require(getattr(ls, name) >= 0, f"loss.{name}", "must be >= 0")
+    mask_weight = ("refinement_weight", ls.refinement_weight) if ls.refinement else ("bce_weight", ls.bce_weight)
+    _require(ls.ce_weight + ls.dice_weight + mask_weight[1] > 0, "loss",
+             f"ce_weight, dice_weight and {mask_weight[0]} are all 0: nothing would be learned")
+    _require(ls.refinement_alpha >= 1.0, "loss.refinement_alpha", "must be >= 1")
     o = cfg.optim
     _require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
-    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", "betas must be in [0, 1)")
+    _require(0 <= o.b1 < 1, "optim.b1", "must be in [0, 1)")
+    _require(0 <= o.b2 < 1, "optim.b2", "must be in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(o.grad_clip > 0, "optim.grad_clip",
+             "must be positive: gradients are clipped to this global norm (0 would zero them, not disable clipping)")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(o.total_steps >= 1, "optim.total_steps", "must be >= 1")
     _require(o.warmup_steps <= o.total_steps, "optim.warmup_steps", f"exceeds optim.total_steps={o.total_steps}")
     _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
     _require(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
@@ -565,17 +603,21 @@ def validate(cfg: Config) -> None:
              "must be in [0, 1] or null")
     for i, r in enumerate(d.sample_rates):
         _require(r >= 0, f"data.sample_rates[{i}]", "must be >= 0")
+    _require(any(r > 0 for r in d.sample_rates), "data.sample_rates", "needs at least one rate > 0")
     _require(d.model_max_length > 0, "data.model_max_length", "must be positive")
     n_img = cfg.model.projector.llm_grid ** 2
     _require(d.model_max_length > n_img - 1, "data.model_max_length",
              f"must exceed the {n_img} image tokens minus one")
-    _require(d.conversations_per_batch >= 1, "data.conversations_per_batch", "must be >= 1")
+    for name in ("num_classes_per_sample", "num_classes_per_question", "conversations_per_batch",
+                 "worker_buffer_size"):
+        _require(getattr(d, name) >= 1, f"data.{name}", "must be >= 1")
     _require(len(d.token_buckets) > 0 and d.token_buckets == sorted(set(d.token_buckets)) and d.token_buckets[0] > 0,
              "data.token_buckets", "must be positive and strictly increasing")
     _require(d.mask_size >= 0, "data.mask_size", "must be >= 0 (0 = image size)")
     _require(d.epoch_size is None or d.epoch_size > 0, "data.epoch_size", "must be positive or null")
     _require(d.num_epochs is None or d.num_epochs > 0, "data.num_epochs", "must be positive or null")
-    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    for name in ("num_workers", "read_threads", "prefetch_buffer_size"):
+        _require(getattr(d, name) >= 0, f"data.{name}", "must be >= 0")
 
     tr = cfg.train
     _require(bool(tr.output_dir), "train.output_dir", "must not be empty")
@@ -586,5 +628,7 @@ def validate(cfg: Config) -> None:
     _require(tr.synthetic_samples >= 1, "train.synthetic_samples", "must be >= 1")
     _require(tr.overlays >= 0, "train.overlays", "must be >= 0")
     _require(tr.peak_tflops >= 0, "train.peak_tflops", "must be >= 0")
+    _require(tr.max_update_ratio >= 0, "train.max_update_ratio", "must be >= 0 (0 = no limit)")
+    _require(tr.resume_step >= -1, "train.resume_step", "must be a checkpoint step, or -1 for the newest")
     _require(not cfg.model.vision.trainable or tr.trainable == "all", "model.vision.trainable",
              "needs train.trainable: all (the official trainable set keeps CLIP frozen)")

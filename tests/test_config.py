@@ -1,5 +1,6 @@
 """Config loading: YAML -> typed dataclasses, overrides, and errors that name the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,75 @@ def test_bad_data_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config("demo", [override])
     assert key in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.grad_clip=-1", "optim.grad_clip"),  # gradient ascent
+        ("optim.grad_clip=0", "optim.grad_clip"),  # clip_by_global_norm(0) zeroes every gradient
+        ("optim.grad_clip=.inf", "optim.grad_clip"),
+        ("optim.learning_rate=.inf", "optim.learning_rate"),
+        ("optim.learning_rate=.nan", "optim.learning_rate"),
+        ("optim.learning_rate=0", "optim.learning_rate"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay"),
+        ("optim.b1=1", "optim.b1"),
+        ("optim.b2=-0.5", "optim.b2"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps"),
+        ("optim.total_steps=0", "optim.total_steps"),
+        ("data.sample_rates=[1, .inf, 1, 1]", "data.sample_rates[1]"),
+        ("data.sample_rates=[.nan, 1, 1, 1]", "data.sample_rates[0]"),
+        ("data.sample_rates=[0, 0, 0, 0]", "data.sample_rates"),  # nothing to sample
+        ("data.num_classes_per_sample=0", "data.num_classes_per_sample"),
+        ("data.num_classes_per_question=0", "data.num_classes_per_question"),
+        ("data.worker_buffer_size=0", "data.worker_buffer_size"),
+        ("data.read_threads=-1", "data.read_threads"),
+        ("data.prefetch_buffer_size=-1", "data.prefetch_buffer_size"),
+        ("data.mask_size=-56", "data.mask_size"),
+        ("data.max_drop_fraction=.nan", "data.max_drop_fraction"),
+        ("model.vision.layer_norm_eps=0", "model.vision.layer_norm_eps"),
+        ("model.vision.layer_norm_eps=.inf", "model.vision.layer_norm_eps"),
+        ("model.vision.pretrained_image_size=0", "model.vision.pretrained_image_size"),
+        ("model.text.rms_norm_eps=-1e-6", "model.text.rms_norm_eps"),
+        ("model.text.rope_theta=0", "model.text.rope_theta"),
+        ("model.text.rope_theta=.inf", "model.text.rope_theta"),
+        ("model.text.max_position_embeddings=0", "model.text.max_position_embeddings"),
+        ("model.lora.alpha=0", "model.lora.alpha"),
+        ("model.lora.alpha=.nan", "model.lora.alpha"),
+        ("model.lora.dropout=1", "model.lora.dropout"),
+        ("model.lora.dropout=-0.1", "model.lora.dropout"),
+        ("model.head.out_dim=0", "model.head.out_dim"),
+        ("model.head.decoder_depth=0", "model.head.decoder_depth"),
+        ("model.head.decoder_heads=0", "model.head.decoder_heads"),  # not a ZeroDivisionError
+        ("model.head.decoder_mlp_dim=0", "model.head.decoder_mlp_dim"),
+        ("model.head.attention_downsample=0", "model.head.attention_downsample"),
+        ("model.head.attention_downsample=64", "model.head.attention_downsample"),  # out_dim 32 -> 0 wide
+        ("loss.ce_weight=-1", "loss.ce_weight"),
+        ("loss.bce_weight=.inf", "loss.bce_weight"),
+        ("loss.dice_weight=-0.5", "loss.dice_weight"),
+        ("loss.refinement_weight=-2", "loss.refinement_weight"),
+        ("loss.refinement_alpha=.inf", "loss.refinement_alpha"),
+        ("loss={ce_weight: 0, bce_weight: 0, dice_weight: 0}", "loss"),
+        ("train.peak_tflops=.inf", "train.peak_tflops"),
+        ("train.peak_tflops=-1", "train.peak_tflops"),
+        ("seed=-1", "seed"),
+    ],
+)
+def test_numeric_domains_name_the_key(override, key, capsys):
+    from pixellm_jax.cli import main
+
+    assert main(["describe", "--config", "tiny", override]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and f"{key}:" in err, err
+    with pytest.raises(ConfigError, match=re.escape(f"{key}:")):
+        load_config("tiny", [override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.peak_tflops=0", "optim.weight_decay=0", "optim.b1=0", "data.sample_rates=[0, 0, 0, 0.5]",
+     "loss={ce_weight: 0, bce_weight: 1, dice_weight: 0}", "model.lora={enabled: false, alpha: 0}",
+     "data.read_threads=0", "data.prefetch_buffer_size=0", "seed=4294967295"],
+)
+def test_numeric_domain_boundaries_are_accepted(override):
+    load_config("tiny", [override])

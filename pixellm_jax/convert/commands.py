@@ -28,6 +28,9 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--check", action="store_true",
                    help="run a prompt through the PyTorch source and the converted model; print logit diff and KL")
     p.add_argument("--prompt", help="prompt for --check")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert source tensors holding NaN/Inf as they are, with a warning per key "
+                        "(default: stop with an error naming the key)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -77,7 +80,10 @@ def run_convert(args: argparse.Namespace) -> int:
             from pixellm_jax.train.mesh import make_mesh
 
             mesh = make_mesh(spec.config.mesh)
-        result = convert_checkpoint(spec, args.out, force=args.force, mesh=mesh, progress=not args.no_progress)
+        result = convert_checkpoint(spec, args.out, force=args.force, mesh=mesh, progress=not args.no_progress,
+                                    allow_nonfinite=args.allow_nonfinite)
+        for warning in result.warnings:
+            print(f"pixellm convert: warning: {warning}", file=sys.stderr)
         print(result.plan.summary())
         print(f"wrote {args.out}")
         if args.check:

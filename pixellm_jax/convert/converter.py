@@ -2,13 +2,14 @@
 
 `convert_checkpoint` writes the Orbax directory (staged beside the destination and renamed when
 complete, refused over an existing one without `force`); `convert_model` returns the model in memory
-(tests, `--check`). With a mesh, parameters are built shard by shard on their devices.
+(tests, `--check`). With a mesh, parameters are built shard by shard on their devices. A source tensor
+holding NaN/Inf stops the conversion unless `allow_nonfinite` (then it is a warning, in the report too).
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jax.sharding import Mesh
@@ -23,7 +24,7 @@ from pixellm_jax.convert.checkpoint import (
     write_checkpoint,
 )
 from pixellm_jax.convert.importers import ImportSpec
-from pixellm_jax.convert.stream import fill_buffers, initial_values, place_sharded
+from pixellm_jax.convert.stream import FiniteCheck, fill_buffers, initial_values, place_sharded
 from pixellm_jax.convert.tables import transforms_for
 from pixellm_jax.convert.validate import Plan, build_plan
 from pixellm_jax.models.pixellm import PixelLM
@@ -34,6 +35,7 @@ class Conversion:
     plan: Plan
     config: Config
     output: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # source tensors converted with NaN/Inf values
 
 
 def plan_conversion(spec: ImportSpec) -> Plan:
@@ -44,16 +46,17 @@ def plan_conversion(spec: ImportSpec) -> Plan:
     )
 
 
-def _parameters(spec: ImportSpec, plan: Plan, mesh: Mesh | None, buffer_dir: Path | None, progress: bool):
+def _parameters(spec: ImportSpec, plan: Plan, mesh: Mesh | None, buffer_dir: Path | None, progress: bool,
+                check: FiniteCheck):
     cfg = spec.config
     targets = target_specs(cfg.model)
     to_init = list(plan.initialised) + list(plan.partial)
     if mesh is None:
         initial = initial_values(cfg.model, cfg.seed, to_init)
-        return fill_buffers(plan, targets, initial, buffer_dir=buffer_dir, progress=progress)
+        return fill_buffers(plan, targets, initial, buffer_dir=buffer_dir, progress=progress, check=check)
     shardings = param_shardings(cfg.model, mesh)
     initial = initial_values(cfg.model, cfg.seed, to_init, shardings)
-    return place_sharded(plan, targets, initial, shardings, progress=progress)
+    return place_sharded(plan, targets, initial, shardings, progress=progress, check=check)
 
 
 def conversion_report(spec: ImportSpec, plan: Plan) -> dict:
@@ -67,23 +70,27 @@ def convert_checkpoint(
     force: bool = False,
     mesh: Mesh | None = None,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Conversion:
     """Convert and write the checkpoint directory `out` (see checkpoint.py for its layout)."""
     out = Path(out)
     check_output(out, force)
     plan = plan_conversion(spec)
+    check = FiniteCheck(allow=allow_nonfinite)
     with staged_output(out, force) as stage:
-        params = _parameters(spec, plan, mesh, None if mesh is not None else stage / ".buffers", progress)
+        params = _parameters(spec, plan, mesh, None if mesh is not None else stage / ".buffers", progress, check)
         extras = {info.key: reader.read(info.key) for reader, info, _ in plan.kept}
-        write_checkpoint(stage, params, spec.config, report=conversion_report(spec, plan), extras=extras,
+        warnings = list(check.warnings.values())
+        report = conversion_report(spec, plan) | ({"nonfinite": warnings} if warnings else {})
+        write_checkpoint(stage, params, spec.config, report=report, extras=extras,
                          write_tokenizer=spec.write_tokenizer)
         del params
         shutil.rmtree(stage / ".buffers", ignore_errors=True)
-    return Conversion(plan, spec.config, out)
+    return Conversion(plan, spec.config, out, warnings)
 
 
 def convert_model(spec: ImportSpec, mesh: Mesh | None = None) -> tuple[PixelLM, Plan]:
     """The converted model in memory (no files written)."""
     plan = plan_conversion(spec)
-    params = _parameters(spec, plan, mesh, None, False)
+    params = _parameters(spec, plan, mesh, None, False, FiniteCheck())
     return assemble_model(spec.config.model, params, spec.config.seed, mesh), plan

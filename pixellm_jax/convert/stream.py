@@ -6,15 +6,17 @@ the model). Source tensors are read file by file in stored order (the next file 
 copied, transformed and cast in one strided copy, into their slice: `layer` of a stacked parameter,
 the leading rows of a grown vocabulary. With shardings every parameter becomes a `jax.Array` built by
 `jax.make_array_from_callback`: each device's callback reads only the source slices its shard needs
-(through the transform's index mapping), so no host ever holds a whole model. Parameters a plan
-initialises come from `initial_values`, the model's own initialisers run inside one jit (XLA drops
-every other parameter's initialiser).
+(through the transform's index mapping), so no host ever holds a whole model. Every floating-point
+source tensor (or slice) read is checked for NaN/Inf (`FiniteCheck`): an error naming the key, or a
+warning with `--allow-nonfinite`. Parameters a plan initialises come from `initial_values`, the
+model's own initialisers run inside one jit (XLA drops every other parameter's initialiser).
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -26,6 +28,8 @@ from jax.sharding import Sharding
 from tqdm.auto import tqdm
 
 from pixellm_jax.config import ModelConfig
+from pixellm_jax.convert.errors import ConversionError
+from pixellm_jax.convert.readers import FLOAT_DTYPES
 from pixellm_jax.convert.tables import Permute, Transform
 from pixellm_jax.convert.validate import Load, Plan, Target
 from pixellm_jax.models.trainable import build_pixellm
@@ -72,10 +76,42 @@ def _progress(total: int, enabled: bool, desc: str):
                 leave=False)
 
 
-def _read(load: Load, dtype: np.dtype, index: tuple[slice, ...] | None = None) -> np.ndarray:
+# Values checked for NaN/Inf at a time: the boolean temporary stays a few MiB whatever the tensor's size.
+_CHECK_VALUES = 1 << 22
+
+
+def count_nonfinite(x: np.ndarray) -> int:
+    """The number of NaN and infinite values in `x`, counted in bands of its leading axis."""
+    if x.ndim == 0:
+        return int(not np.isfinite(x))
+    rows = max(1, _CHECK_VALUES * x.shape[0] // max(x.size, 1))
+    bands = (x[i: i + rows] for i in range(0, x.shape[0], rows))
+    return sum(band.size - int(np.count_nonzero(np.isfinite(band))) for band in bands)
+
+
+@dataclass
+class FiniteCheck:
+    """NaN/Inf in the source tensors read: a ConversionError naming the key and the count, or with
+    `allow` (`--allow-nonfinite`) one warning per key, collected in `warnings`."""
+
+    allow: bool = False
+    warnings: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, load: Load, x: np.ndarray) -> None:
+        if x.dtype not in FLOAT_DTYPES or not (bad := count_nonfinite(x)):
+            return
+        where = f"{load.info.file}: {load.info.key}"
+        what = f"{bad} of the {x.size} values read are NaN or infinite"
+        if not self.allow:
+            raise ConversionError(f"{where}: {what} (pass --allow-nonfinite to convert them as they are)")
+        self.warnings.setdefault(where, f"{where}: {what}; converted as they are (--allow-nonfinite)")
+
+
+def _read(load: Load, dtype: np.dtype, check: FiniteCheck, index: tuple[slice, ...] | None = None) -> np.ndarray:
     """The target-layout value of `load` (or its part `index`, in target coordinates) in `dtype`."""
     source_index = None if index is None else load.transform.source_index(index, load.info.shape)
     x = load.reader.read(load.info.key, source_index)
+    check(load, x)
     x = load.transform.forward(x)
     if index is not None and source_index is None:
         x = x[index]
@@ -99,8 +135,11 @@ def fill_buffers(
     *,
     buffer_dir: Path | None = None,
     progress: bool = False,
+    check: FiniteCheck | None = None,
 ) -> dict[str, np.ndarray]:
-    """Host arrays of every target: initial values first, then each source tensor streamed in."""
+    """Host arrays of every target: initial values first, then each source tensor streamed in
+    (checked by `check`; default: any NaN/Inf is an error)."""
+    check = check or FiniteCheck()
     if buffer_dir is not None:
         buffer_dir.mkdir(parents=True, exist_ok=True)
     buffers = {path: _buffer(t, buffer_dir, i) for i, (path, t) in enumerate(targets.items())}
@@ -113,6 +152,7 @@ def fill_buffers(
             for f in files[at: at + 2]:  # this file and the next are read ahead while we transform
                 load.reader.prefetch(f)
             x = load.reader.read(load.info.key)  # a view of the memory-mapped file where possible
+            check(load, x)
             dst = buffers[load.target]
             if load.layer is not None:
                 dst = dst[load.layer]
@@ -135,9 +175,6 @@ def _torch_view(a: np.ndarray):
         if a.dtype == ml_dtypes.bfloat16:
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
-
-
-_TORCH_DTYPES = {np.dtype(t) for t in (np.float32, np.float16, np.float64, ml_dtypes.bfloat16)}
 
 
 # A source band this large stays in cache while its transposed columns are written: banded copies on
@@ -166,7 +203,7 @@ def copy_transformed(dst: np.ndarray, x: np.ndarray, transform: Transform) -> No
     NumPy's for transposes; torch is there whenever a checkpoint is read): a large tensor in bands of
     its leading source axis, on a small thread pool; the rest through NumPy.
     """
-    if not (isinstance(transform, Permute) and x.dtype in _TORCH_DTYPES and dst.dtype in _TORCH_DTYPES):
+    if not (isinstance(transform, Permute) and x.dtype in FLOAT_DTYPES and dst.dtype in FLOAT_DTYPES):
         np.copyto(dst, transform.forward(x), casting="same_kind")
         return
     src, out = _torch_view(x), _torch_view(dst)
@@ -193,8 +230,11 @@ def place_sharded(
     shardings: Mapping[str, Sharding],
     *,
     progress: bool = False,
+    check: FiniteCheck | None = None,
 ) -> dict[str, jax.Array]:
-    """Global arrays of every target, each device's shard read from the sources on its own."""
+    """Global arrays of every target, each device's shard read from the sources on its own (each slice
+    checked by `check`; default: any NaN/Inf is an error)."""
+    check = check or FiniteCheck()
     by_target = plan.by_target()
     out: dict[str, jax.Array] = {}
     total = sum(int(np.prod(t.shape)) * t.dtype.itemsize for t in targets.values())
@@ -205,7 +245,7 @@ def place_sharded(
                 out[path] = initial[path]
             elif loads[0].grow is not None:  # vocabulary grown: one host copy of this matrix, then slices
                 full = np.asarray(jax.device_get(initial[path])).astype(target.dtype)
-                x = _read(loads[0], target.dtype)
+                x = _read(loads[0], target.dtype, check)
                 full[_grown_slice(loads[0], x)] = x
                 out[path] = jax.make_array_from_callback(target.shape, shardings[path], lambda idx, f=full: f[idx])
             elif loads[0].layer is not None:
@@ -213,12 +253,12 @@ def place_sharded(
 
                 def stacked(idx, by_layer=by_layer, target=target):
                     layers = range(*idx[0].indices(target.shape[0]))
-                    return np.stack([_read(by_layer[i], target.dtype, idx[1:]) for i in layers])
+                    return np.stack([_read(by_layer[i], target.dtype, check, idx[1:]) for i in layers])
 
                 out[path] = jax.make_array_from_callback(target.shape, shardings[path], stacked)
             else:
                 out[path] = jax.make_array_from_callback(
-                    target.shape, shardings[path], lambda idx, ld=loads[0], t=target: _read(ld, t.dtype, idx)
+                    target.shape, shardings[path], lambda idx, ld=loads[0], t=target: _read(ld, t.dtype, check, idx)
                 )
             bar.update(int(np.prod(target.shape)) * target.dtype.itemsize)
     return out

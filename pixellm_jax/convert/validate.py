@@ -3,10 +3,11 @@
 `build_plan` runs every source key through its table. Each key is loaded, ignored (with a reason),
 kept verbatim (extras an export re-emits) or skipped (a group of another shape, e.g. a LLaVA
 projector PixelLM replaces); anything else is an error. Every parameter (every layer slice of a
-stacked one) must be filled exactly once, or be one the importer initialises. All unexpected,
-wrong-shaped, doubly given and missing keys are collected and raised together as one
-`ConversionError`, before anything is read or written. The plan also prints as the `--dry-run`
-mapping and summarises itself for the conversion report.
+stacked one) must be filled exactly once, or be one the importer initialises, and a floating-point
+parameter from a floating-point tensor. All unexpected, wrong-shaped, wrongly typed, doubly given and
+missing keys are collected and raised together as one `ConversionError`, before anything is read or
+written. The plan also prints as the `--dry-run` mapping and summarises itself for the conversion
+report.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable, Collection, Mapping, Sequence
 import numpy as np
 
 from pixellm_jax.convert.errors import ConversionError
-from pixellm_jax.convert.readers import CheckpointReader, TensorInfo
+from pixellm_jax.convert.readers import FLOAT_DTYPES, CheckpointReader, TensorInfo
 from pixellm_jax.convert.tables import Table, Transform
 
 
@@ -145,7 +146,7 @@ def build_plan(
     skipped whole and its parameters initialised. With `allow_grow`, a source with fewer vocabulary
     rows fills the leading rows (the rest are initialised).
     """
-    unexpected, wrong, twice, missing = [], [], [], []
+    unexpected, wrong, wrong_dtype, twice, missing = [], [], [], [], []
     plan = Plan(loads=[])
     candidates: list[tuple[str | None, Load]] = []
     failed_groups: dict[str, list[str]] = defaultdict(list)
@@ -172,6 +173,11 @@ def build_plan(
             want = target.shape[1:] if rule.stack else target.shape
             if rule.stack and not 0 <= layer < target.shape[0]:
                 unexpected.append(f"{where}: layer {layer}, but {path} has {target.shape[0]} layers")
+                continue
+            if target.dtype in FLOAT_DTYPES and info.dtype not in FLOAT_DTYPES:
+                wrong_dtype.append(f"{where} is {info.dtype} -> {path} expects a floating-point tensor "
+                                   f"(float32, float16 or bfloat16; stored as {target.dtype})")
+                misfits.add(path)
                 continue
             transform = transforms[rule.transform]
             got = transform.target_shape(info.shape)
@@ -230,8 +236,8 @@ def build_plan(
             plan.partial[path] = (f"entries 0..{n - 1} of axis {ld.grow} from {ld.info.key}; "
                                   f"{target.shape[ld.grow] - n} more initialised (tokens added to the vocabulary)")
 
-    problems = [("unexpected keys", unexpected), ("wrong shapes", wrong), ("given twice", twice),
-                ("missing (no source key fills them)", missing)]
+    problems = [("unexpected keys", unexpected), ("wrong shapes", wrong), ("wrong dtypes", wrong_dtype),
+                ("given twice", twice), ("missing (no source key fills them)", missing)]
     count = sum(len(rows) for _, rows in problems)
     if count:
         lines = [f"cannot convert: {count} problem(s); nothing was written"]

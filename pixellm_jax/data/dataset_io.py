@@ -41,15 +41,41 @@ class DatasetFileError(UserError, ValueError):
 def resolve_in_root(root: str | Path, relative: Any, sample_id: str) -> Path:
     """`root / relative` for a relative path taken from an annotation; refuses paths that escape root.
 
-    The check is lexical (absolute paths and ".." components that climb out are refused), so a
-    dataset directory may itself be a symlink set up by the operator.
+    Absolute paths and ".." components that climb out are refused, and so is a path that leaves root
+    once symlinks are resolved (a link inside the dataset pointing elsewhere); root itself is resolved
+    too, so a dataset directory may be a symlink set up by the operator. The path is returned unresolved.
     """
     if not isinstance(relative, str) or not relative or "\x00" in relative:
         raise BadSample(sample_id, f"invalid file name {relative!r}")
     norm = posixpath.normpath(relative.replace("\\", "/"))
     if posixpath.isabs(norm) or norm == ".." or norm.startswith("../"):
         raise BadSample(sample_id, f"path {relative!r} escapes the dataset root {root}")
-    return Path(root) / norm
+    path = Path(root) / norm
+    target = path.resolve()
+    if not target.is_relative_to(Path(root).resolve()):
+        raise BadSample(sample_id, f"path {relative!r} escapes the dataset root {root} through a symlink (to {target})")
+    return path
+
+
+def image_to_rgb(image: Image.Image) -> np.ndarray:
+    """Any PIL image as [H, W, 3] uint8 RGB, with high-bit-depth greyscale scaled into 0-255.
+
+    PIL's `convert("RGB")` clips "I;16" / "I" / "F" pixels at 255, which turns a 16-bit image white.
+    Here 16-bit data (and "I" data within 0..65535) is scaled by 255/65535, other "I" data by
+    255/(2^31 - 1); "F" data by 255 when it lies within [0, 1], else clipped to [0, 255]; negative
+    values become 0. Every other mode goes through PIL: palettes applied, CMYK converted, 1-bit to
+    0/255, alpha dropped (as cv2.imread, which the official loader uses, drops it).
+    """
+    if image.mode.startswith("I"):
+        data = np.asarray(image).astype(np.float32)
+        top = 65535 if data.max(initial=0) <= 65535 else 2**31 - 1
+        grey = np.clip(data, 0, None) * np.float32(255 / top)
+    elif image.mode == "F":
+        data = np.nan_to_num(np.asarray(image, np.float32))
+        grey = np.clip(data, 0, 1) * 255 if data.max(initial=0) <= 1 else np.clip(data, 0, 255)
+    else:
+        return np.array(image.convert("RGB"), dtype=np.uint8)
+    return np.repeat(np.rint(grey).astype(np.uint8)[..., None], 3, axis=2)
 
 
 def load_image(path: str | Path, sample_id: str) -> np.ndarray:
@@ -57,7 +83,7 @@ def load_image(path: str | Path, sample_id: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            return np.array(img.convert("RGB"), dtype=np.uint8)
+            return image_to_rgb(img)
     except FileNotFoundError:
         raise BadSample(sample_id, f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
@@ -190,24 +216,29 @@ def _rle(seg: dict, height: int, width: int, sample_id: str) -> dict:
 def decode_segmentation(segmentation: Any, height: int, width: int, sample_id: str) -> np.ndarray:
     """A COCO `segmentation` (polygons, one RLE dict, or a list of RLE dicts) as an [H, W] bool mask.
 
-    Several polygons or RLEs are united. An empty list gives an empty mask (as officially).
-    Malformed or out-of-bounds input raises BadSample.
+    Several polygons or RLEs are united. An empty list or an all-zero RLE gives an empty mask (an
+    explicit "no target", as officially; prepared datasets store that as an all-zero RLE). Malformed
+    or out-of-bounds input raises BadSample, and so do polygons that cover no pixel (collinear, one
+    point, between pixel centres): they would silently become a target that is nowhere.
     """
     if isinstance(segmentation, dict):
-        return mask_utils.decode(_rle(segmentation, height, width, sample_id)).astype(bool)
+        segmentation = [segmentation]
     if not isinstance(segmentation, list):
         raise BadSample(sample_id, f"malformed segmentation of type {type(segmentation).__name__}")
     mask = np.zeros((height, width), dtype=bool)
     if not segmentation:
         return mask
-    if all(isinstance(s, dict) for s in segmentation):
-        rles = [_rle(s, height, width, sample_id) for s in segmentation]
-    else:
+    polygons = not all(isinstance(s, dict) for s in segmentation)
+    if polygons:
         for poly in segmentation:
             _check_polygon(poly, height, width, sample_id)
         rles = mask_utils.frPyObjects([[float(v) for v in p] for p in segmentation], height, width)
+    else:
+        rles = [_rle(s, height, width, sample_id) for s in segmentation]
     for rle in rles:
         mask |= mask_utils.decode(rle).astype(bool)
+    if polygons and not mask.any():
+        raise BadSample(sample_id, "degenerate polygon: zero area, a mask of zero pixels")
     return mask
 
 

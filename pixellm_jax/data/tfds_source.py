@@ -46,7 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from pixellm_jax.data import templates
-from pixellm_jax.data.dataset_io import DatasetFileError, build_sample, decode_segmentation, stack_masks
+from pixellm_jax.data.dataset_io import DatasetFileError, build_sample, decode_segmentation, image_to_rgb, stack_masks
 from pixellm_jax.data.sample import BadSample, Sample, Source
 from pixellm_jax.data.synthetic import Scene, Shape, SyntheticShapes, describe
 
@@ -129,7 +129,7 @@ def decode_image_bytes(data: bytes, sample_id: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return np.array(img.convert("RGB"), dtype=np.uint8)
+            return image_to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadSample(sample_id, f"cannot decode the stored image: {e}") from None
 

@@ -45,10 +45,14 @@ Normalization = Literal["official", "clip"]
 
 
 def longest_side_shape(hw: tuple[int, int], size: int) -> tuple[int, int]:
-    """(int(h·s + 0.5), int(w·s + 0.5)) with s = size / max(h, w) (SAM's ResizeLongestSide)."""
+    """(int(h·s + 0.5), int(w·s + 0.5)) with s = size / max(h, w) (SAM's ResizeLongestSide), each at least 1.
+
+    The clamp only changes images thinner than 1 : 2·size, whose short side would round to 0 pixels
+    (the official code fails on them); a 1-pixel row or column is what such an image resizes to.
+    """
     h, w = int(hw[0]), int(hw[1])
     scale = size * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    return max(int(h * scale + 0.5), 1), max(int(w * scale + 0.5), 1)
 
 
 def resize_longest_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -92,8 +96,18 @@ class PreparedImage:
     original_hw: tuple[int, int]  # (H, W)
 
 
+def check_image_shape(image: np.ndarray) -> None:
+    """Raise ValueError unless `image` is [H, W, 3] with H, W >= 1 (an empty image cannot be resized)."""
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"image must be [H, W, 3] with H, W >= 1 pixels, got shape {image.shape}")
+
+
 def preprocess_image(image: np.ndarray, image_size: int, mode: Normalization = "official") -> PreparedImage:
-    """Official CLIP-branch preprocessing of one [H, W, 3] uint8 RGB image (zero padding after normalising)."""
+    """Official CLIP-branch preprocessing of one [H, W, 3] uint8 RGB image (zero padding after normalising).
+
+    An empty image raises ValueError (`check_image_shape`).
+    """
+    check_image_shape(image)
     resized = resize_longest_side(image, image_size)
     h, w = resized.shape[:2]
     pixels = np.zeros((image_size, image_size, 3), np.float32)

@@ -34,7 +34,7 @@ import numpy as np
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_generation, tokenize_training
 from pixellm_jax.data.sample import IMAGE_PLACEHOLDER, BadSample, Source
 from pixellm_jax.data.specs import PROTOCOLS
-from pixellm_jax.data.transforms import Normalization, preprocess_image
+from pixellm_jax.data.transforms import Normalization, check_image_shape, preprocess_image
 from pixellm_jax.models.grouped_take import block_first_rows
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,14 @@ def token_bucket(length: int, buckets: Sequence[int]) -> int:
 def sample_items(
     source: Source, index: int, tok: LegacyTokenizer, protocol: Protocol, seed: int, use_im_start_end: bool
 ) -> tuple[np.ndarray, list[EvalItem]]:
-    """The image and the evaluated conversations of one sample."""
+    """The image and the evaluated conversations of one sample; an empty image raises BadSample."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r}; known: {PROTOCOLS}")
     sample = source.get(index, np.random.default_rng([seed, index]))
+    try:
+        check_image_shape(sample.image)
+    except ValueError as e:
+        raise BadSample(sample.sample_id, str(e)) from None
     items = []
     for ci, conv in enumerate(sample.conversations):
         question, answer = conv.turns[0]

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from pixellm_jax.eval.batches import BatchShape
 from pixellm_jax.eval.evaluate import EvalSettings, run_eval
 from pixellm_jax.eval.generate import SamplingConfig
 from pixellm_jax.eval.loading import Loaded, load_for_inference
-from pixellm_jax.eval.predict import image_files, predict, write_prediction
+from pixellm_jax.eval.predict import NothingPredicted, image_files, predict, write_prediction
 from pixellm_jax.eval.runner import BatchRunner
 from pixellm_jax.eval.splits import parse_split
 
@@ -55,14 +57,34 @@ def eval_command(args: argparse.Namespace, loaded: Loaded) -> dict:
 
 
 def predict_command(args: argparse.Namespace, loaded: Loaded) -> None:
-    """Answer the question about each image; print the answers, write overlays and masks into args.out."""
+    """Answer the question about each image; print the answers, write overlays and masks into args.out.
+
+    An unreadable image of a folder is reported on stderr ("<path>: skipped: <reason>") and the rest
+    predicted, the skipped ones listed at the end; when no image could be predicted this raises
+    `NothingPredicted` (`pixellm predict` exits 1, for a single image with its reason in one line).
+    """
     runner = BatchRunner(loaded.model)
     paths = image_files(args.image)
     shape = batch_shape(loaded, runner, args)
+    skipped: list[tuple[Path, str]] = []
+
+    def on_skip(path: Path, reason: str) -> None:
+        skipped.append((path, reason))
+        if len(paths) > 1:
+            print(f"{path}: skipped: {reason}", file=sys.stderr)
+
     for pred in predict(runner, loaded.legacy, _decoder(loaded), paths, args.question, shape, sampling(args),
-                        args.seed):
+                        args.seed, on_skip):
         files = write_prediction(pred, args.out)
         print(f"{pred.image_path}: {pred.answer}")
         for k, f in enumerate(files[1:]):
             print(f"  [{k + 1}] {f}")
         print(f"  overlay {files[0]}")
+    if not skipped:
+        return
+    if len(paths) == 1:
+        raise NothingPredicted(skipped[0][1])  # the reason names the file
+    summary = f"{len(skipped)} of {len(paths)} images skipped: {', '.join(p.name for p, _ in skipped)}"
+    if len(skipped) == len(paths):
+        raise NothingPredicted(f"no image could be predicted: {summary}")
+    print(summary, file=sys.stderr)

@@ -5,7 +5,8 @@ For each image the question is asked in the official chat format ("<image>\\n{qu
   <stem>_overlay.png   the image with target k tinted in colour k (50 %), its number at the mask,
                        and a legend of numbers and colours in the top-left corner;
   <stem>_mask_<k>.png  target k as a 0/255 greyscale mask;
-all at the input image's size.
+all at the input image's size. An image that cannot be read is left out and reported (`on_skip`);
+the others are still predicted.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_generation
 from pixellm_jax.data.dataset_io import load_image
-from pixellm_jax.data.sample import IMAGE_PLACEHOLDER
-from pixellm_jax.errors import writing
+from pixellm_jax.data.sample import IMAGE_PLACEHOLDER, BadSample
+from pixellm_jax.errors import UserError, writing
 from pixellm_jax.eval.answer_text import numbered_answer
 from pixellm_jax.eval.batches import BatchShape, EvalItem, pack
 from pixellm_jax.eval.generate import SamplingConfig
@@ -30,6 +31,12 @@ PALETTE = (
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
     (245, 130, 48), (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 128, 128),
 )
+
+
+class NothingPredicted(UserError):
+    """No image could be predicted (none found, or none readable): `pixellm predict` exits 1."""
+
+    exit_code = 1
 
 
 class Prediction(NamedTuple):
@@ -45,10 +52,10 @@ def image_files(path: str | Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise NothingPredicted(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
         return files
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image or folder")
+        raise NothingPredicted(f"{path}: no such image or folder")
     return [path]
 
 
@@ -61,8 +68,10 @@ def predict(
     shape: BatchShape,
     sampling: SamplingConfig,
     seed: int = 0,
+    on_skip: Callable[[Path, str], None] = lambda path, reason: None,
 ) -> Iterator[Prediction]:
-    """Answers and masks for each image, batched."""
+    """Answers and masks for each image, batched; an unreadable image is passed to `on_skip` with the
+    reason and left out."""
     head = runner.cfg.head
     prompt = tokenize_generation(tok, f"{IMAGE_PLACEHOLDER}\n{question}", use_im_start_end=shape.use_im_start_end)
 
@@ -70,7 +79,11 @@ def predict(
 
     def stream():
         for i, path in enumerate(paths):
-            images[i] = load_image(path, str(path))
+            try:
+                images[i] = load_image(path, str(path))
+            except BadSample as e:
+                on_skip(path, e.reason)
+                continue
             empty = np.zeros((0, *images[i].shape[:2]), bool)
             yield images[i], [EvalItem(i, 0, str(path), question, "", empty, prompt)]
 

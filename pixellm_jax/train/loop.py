@@ -32,12 +32,12 @@ from typing import Callable
 import jax
 import numpy as np
 
-from pixellm_jax.config import Config, dump_config, resolve_paths
+from pixellm_jax.config import Config, ConfigError, dump_config, resolve_paths
 from pixellm_jax.data.pipeline import NothingUsable, PipelineConfig, TooManyDropped
 from pixellm_jax.data.token_lengths import conversation_lengths, describe, length_report
 from pixellm_jax.errors import writing
 from pixellm_jax.train import distributed
-from pixellm_jax.train.checkpoint import Checkpointer, write_model
+from pixellm_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, write_model
 from pixellm_jax.train.data import load_tokenizer, tokenizer_directory, training_pipeline, with_tokenizer_ids
 from pixellm_jax.train.heldout import HeldOut, NothingScoredInValidation
 from pixellm_jax.train.mesh import batch_groups, batch_shardings, global_batch, make_mesh
@@ -111,13 +111,36 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.train)
         self.writer = MetricsWriter(self.out)
         self.peak = peak_flops(cfg)
-        latest = self.checkpointer.latest_step() if cfg.train.resume else None
-        if latest is None:
+        restored = self._resume() if cfg.train.resume else None
+        if restored is None:
             _, self.state, self.frozen = init_state(cfg, self.mesh, self.tx, self.layout)
             self.echo(f"initialised a new run in {self.out} ({self._describe()})")
         else:
-            self.state, self.frozen = self.checkpointer.restore(latest, self.layout, self.iterator)
-            self.echo(f"resumed {self.out} from checkpoint {latest} ({self._describe()})")
+            self.echo(f"resumed {self.out} from checkpoint {restored} ({self._describe()})")
+
+    def _resume(self) -> int | None:
+        """Restore `train.resume_step`, or the newest checkpoint that verifies; a corrupt newer one is
+        reported in one line and set aside. None when there is nothing to resume from."""
+        wanted = self.cfg.train.resume_step
+        steps = sorted(self.checkpointer.all_steps(), reverse=True)
+        if wanted >= 0:
+            if wanted not in steps:
+                raise ConfigError(f"train.resume_step: no checkpoint {wanted} in {self.checkpointer.directory} "
+                                  f"(have {sorted(steps)})")
+            steps = [wanted]
+        for step in steps:
+            try:
+                self.state, self.frozen = self.checkpointer.restore(step, self.layout, self.iterator)
+                return step
+            except CorruptCheckpoint as e:
+                if wanted >= 0:
+                    raise
+                where = self.checkpointer.set_aside(step) if self.primary else None
+                distributed.barrier(f"pixellm set aside {step}")
+                if not self.primary:
+                    self.checkpointer.manager.reload()
+                self.echo(f"{e}; set aside{f' in {where}' if where else ''}, trying the previous one")
+        return None
 
     def _describe(self) -> str:
         m = self.mesh.shape
@@ -229,14 +252,16 @@ class Trainer:
         if host["finite"]:
             return
         run, skipped = int(self.state.nonfinite), int(self.state.skipped)
-        self.echo(f"micro-batch {micro}: non-finite loss or gradient (loss {host['total']}, grad norm "
-                  f"{host['grad_norm']}); update skipped ({run} in a row, {skipped} in all)")
+        self.echo(f"micro-batch {micro}: update rejected: non-finite loss, gradient or updated state, or an update "
+                  f"over train.max_update_ratio (loss {host['total']}, grad norm {host['grad_norm']}"
+                  + (f", update ratio {host['update_ratio']}" if "update_ratio" in host else "")
+                  + f"); the state is kept ({run} in a row, {skipped} in all)")
         if run >= self.cfg.train.max_consecutive_nonfinite:
             step = self.save(wait=True)
             raise NonFiniteError(
-                f"{run} consecutive micro-batches had a non-finite loss or gradient (the last is micro-batch "
+                f"{run} consecutive micro-batches were rejected (the last is micro-batch "
                 f"{micro}; train.max_consecutive_nonfinite={self.cfg.train.max_consecutive_nonfinite}). "
-                f"The last good parameters are in checkpoint {step} under {self.out / 'checkpoints'}.")
+                f"The last good parameters (verified finite) are in checkpoint {step} under {self.out / 'checkpoints'}.")
 
     def _log(self, step: int, window: list[dict[str, float]], tokens: int, flops: float, elapsed: float,
              progress) -> None:
@@ -322,7 +347,7 @@ def main(config: str, overrides: list[str]) -> int:
     except NonFiniteError as e:
         print(f"pixellm train: {e}", file=sys.stderr)
         return 3
-    except (NothingUsable, TooManyDropped, NothingScoredInValidation) as e:
+    except (NothingUsable, TooManyDropped, NothingScoredInValidation, CorruptCheckpoint) as e:
         print(f"pixellm train: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:

@@ -1,8 +1,9 @@
 """Training metrics: JSON lines and TensorBoard event files, throughput and an MFU estimate.
 
-Only process 0 writes. `metrics.jsonl` gets one object per log or eval event (tokens/s counts the
-LLM positions of real tokens: text plus image tokens); the TensorBoard
-events (`tb/`, written by tensorboardX, which needs no TensorFlow) carry the same scalars.
+Only process 0 writes. `metrics.jsonl` gets one strict-JSON object per log or eval event (tokens/s
+counts the LLM positions of real tokens: text plus image tokens; a NaN/Inf value is null and named
+in the record's "nonfinite" list); the TensorBoard events (`tb/`, written by tensorboardX, which
+needs no TensorFlow) carry the same scalars.
 
 MFU = model FLOPs per second / (devices × peak FLOPs per device). Model FLOPs per micro-batch are
 estimated from the shapes, matmuls only: the LLM forward (2·params·tokens plus attention scores and
@@ -14,6 +15,7 @@ backward). The pixel decoder is small and left out. Rematerialised recomputation
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -91,13 +93,22 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(self.directory / "tb"))
 
     def write(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
-        """One event: `kind/name` scalars at optimizer step `step`."""
+        """One event: `kind/name` scalars at optimizer step `step`.
+
+        The JSON line stays strict JSON: a NaN or infinite scalar is written as null and its name listed
+        under "nonfinite" (TensorBoard gets the float itself).
+        """
         if not self.active:
             return
-        record = {"kind": kind, "step": step, "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        for name, value in scalars.items():
-            self._tb.add_scalar(f"{kind}/{name}", float(value), step)
+        values = {k: float(v) for k, v in scalars.items()}
+        nonfinite = [k for k, v in values.items() if not math.isfinite(v)]
+        record = {"kind": kind, "step": step, "time": time.time(),
+                  **{k: None if k in nonfinite else v for k, v in values.items()}}
+        if nonfinite:
+            record["nonfinite"] = nonfinite
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+        for name, value in values.items():
+            self._tb.add_scalar(f"{kind}/{name}", value, step)
 
     def close(self) -> None:
         if self.active:

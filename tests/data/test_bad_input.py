@@ -7,13 +7,27 @@ import pickle
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
 
 from pixellm_jax.data import semseg
-from pixellm_jax.data.dataset_io import DatasetFileError, decode_segmentation, read_json, read_plain_pickle, resolve_in_root
+from pixellm_jax.data.conversation import LegacyTokenizer
+from pixellm_jax.data.dataset_io import (
+    DatasetFileError,
+    decode_segmentation,
+    load_image,
+    read_json,
+    read_plain_pickle,
+    resolve_in_root,
+)
 from pixellm_jax.data.muse import MuseSource
+from pixellm_jax.data.pipeline import InputPipeline, PipelineConfig
 from pixellm_jax.data.refer import ReferSource
-from pixellm_jax.data.sample import BadSample
+from pixellm_jax.data.sample import BadSample, Conversation, Sample, Source, bad_sample_category
+from pixellm_jax.data.tfds_source import decode_image_bytes
 from pixellm_jax.data.vqa import VqaSource
+from pixellm_jax.eval.batches import BatchShape, eval_batches
+from pixellm_jax.models.codebook import add_codebook_tokens
+from tests.tiny_tokenizer import build_tiny_tokenizer
 
 H, W = 12, 16
 RNG = np.random.default_rng(0)
@@ -110,6 +124,124 @@ def test_label_map_with_colour_channels(tmp_path):
         src.get(0, RNG)
 
 
+# --- image modes and sizes ------------------------------------------------------------------------------
+
+
+def _grey16(h=H, w=W):
+    """Random 16-bit greyscale pixels covering the whole range (0 and 65535 included)."""
+    a = np.random.default_rng(1).integers(0, 65536, (h, w)).astype(np.uint16)
+    a[0, 0], a[0, 1] = 0, 65535
+    return a
+
+
+def test_16_bit_png_matches_its_8_bit_version(tmp_path):
+    """A 16-bit PNG ("I;16") is scaled by 255/65535, not clipped to white, by files and stored bytes alike."""
+    grey = _grey16()
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    eight = np.round(grey / 257).astype(np.uint8)
+    Image.fromarray(eight).save(tmp_path / "flat.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode == "I;16"
+    expected = load_image(tmp_path / "flat.png", "s")
+    for image in (load_image(tmp_path / "deep.png", "s"), decode_image_bytes((tmp_path / "deep.png").read_bytes(), "s")):
+        assert image.shape == (H, W, 3) and image.dtype == np.uint8
+        assert np.abs(image.astype(int) - expected).max() <= 1
+        assert image[0, 0].tolist() == [0, 0, 0] and image[0, 1].tolist() == [255, 255, 255]
+
+
+def test_16_bit_image_through_a_source(tmp_path):
+    src = write_refer(tmp_path)
+    grey = _grey16()
+    Image.fromarray(grey).save(tmp_path / "images/mscoco/images/train2014/a.jpg", format="PNG")
+    image = src.get(0, RNG).image
+    assert np.abs(image[..., 0].astype(int) - grey / 257).max() <= 0.5 + 1e-9
+
+
+@pytest.mark.parametrize(
+    "name, data, scale",
+    [
+        ("I within 16 bits", _grey16().astype(np.int32), 255 / 65535),
+        ("I beyond 16 bits", _grey16().astype(np.int32) * 30000, 255 / (2**31 - 1)),
+        ("F within [0, 1]", _grey16().astype(np.float32) / 65535, 255.0),
+        ("F beyond 1", _grey16().astype(np.float32) / 257, 1.0),
+    ],
+)
+def test_deep_modes_are_scaled_by_their_range(tmp_path, name, data, scale):
+    Image.fromarray(data).save(tmp_path / "x.tif")
+    with Image.open(tmp_path / "x.tif") as im:
+        assert im.mode == name[0]
+    image = load_image(tmp_path / "x.tif", "s")
+    assert image.shape == (H, W, 3) and (image == image[..., :1]).all()
+    assert np.abs(image[..., 0] - np.clip(data * scale, 0, 255)).max() <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("mode, options", [("1", {}), ("L", {}), ("LA", {}), ("P", {}), ("P", {"transparency": 0}),
+                                           ("RGBA", {}), ("CMYK", {})])
+def test_other_modes_convert_as_pil_does(tmp_path, mode, options):
+    """Palettes applied, alpha dropped, CMYK and 1-bit converted."""
+    rgb = Image.fromarray(np.random.default_rng(2).integers(0, 256, (H, W, 3), dtype=np.uint8))
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    rgb.convert(mode).save(path, **options)
+    with Image.open(path) as im:
+        expected = np.asarray(im.convert("RGB"))
+    assert np.array_equal(load_image(path, "s"), expected)
+
+
+class Shapes(Source):
+    """One sample per image shape, each with one target covering the image's first row."""
+
+    name = "shapes"
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def get(self, index, rng):
+        h, w = self.shapes[index]
+        masks = np.zeros((1, h, w), bool)
+        masks[:, :1] = True
+        turns = [("<image>\nWhere is the line?", "It is [SEG].")]
+        return Sample(f"shapes:{h}x{w}", self.name, np.full((h, w, 3), 90, np.uint8), [Conversation(turns, masks)])
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    hf = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+    add_codebook_tokens(hf, 3, 2)
+    hf.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
+    return LegacyTokenizer.from_transformers(hf, 3, 2)
+
+
+# 1x300 and 300x1 resize to a 1-pixel side at 56 (the short side would round to 0); 0x40 is empty.
+DEGENERATE = [(1, 300), (0, 40), (300, 1), (12, 16)]
+
+
+def test_degenerate_image_sizes_in_training(tok):
+    cfg = PipelineConfig(images_per_batch=4, conversations_per_batch=4, max_targets=3, token_buckets=[257],
+                         image_size=56, mask_size=72, n_image_tokens=4, model_max_length=260, seed=0,
+                         read_threads=1, num_epochs=1, drop_remainder=False)
+    pipe = InputPipeline([Shapes(DEGENERATE)], tok, cfg, process_index=0, process_count=1)
+    (batch,) = list(iter(pipe))
+    assert pipe.stats.bad_samples == 1 and pipe.stats.as_metrics()["dropped/bad_image"] == 1
+    kept = {tuple(hw): tuple(r) for hw, r, valid in zip(batch["original_hw"], batch["resized_hw"], batch["image_valid"])
+            if valid}
+    assert kept == {(1, 300): (1, 56), (300, 1): (56, 1), (12, 16): (42, 56)}
+    assert batch["mask_valid"].sum() == 3 and batch["masks"].sum() > 0
+
+
+def test_degenerate_image_sizes_in_evaluation(tok):
+    skipped = []
+    shape = BatchShape(images=8, rows=8, image_size=56, token_buckets=(257,))
+    batches = list(eval_batches(Shapes(DEGENERATE), tok, "teacher_forced", shape, skipped=skipped))
+    assert len(skipped) == 1 and skipped[0][0] == "shapes:0x40"
+    assert bad_sample_category(skipped[0][1]) == "bad_image"
+    (batch,) = batches
+    assert [item.sample_id for item in batch.items] == ["shapes:1x300", "shapes:300x1", "shapes:12x16"]
+    assert batch.arrays["resized_hw"][:3].tolist() == [[1, 56], [56, 1], [42, 56]]
+
+
 # --- polygons and RLE --------------------------------------------------------------------------------------
 
 MALFORMED = {
@@ -155,6 +287,39 @@ def test_malformed_rle(rle):
         decode_segmentation(rle, H, W, "s")
 
 
+@pytest.mark.parametrize(
+    "segmentation",
+    [
+        [[1, 1, 5, 1, 9, 1]],  # collinear
+        [[2, 2, 2, 2, 2, 2, 2, 2]],  # one point
+        [[3.1, 3.1, 3.3, 3.1, 3.3, 3.3]],  # between pixel centres
+        [[3.1, 3.1, 3.3, 3.1, 3.3, 3.3], [1, 1, 5, 1, 9, 1]],
+    ],
+)
+def test_polygon_of_zero_pixels_is_refused(segmentation):
+    with pytest.raises(BadSample, match="degenerate polygon: zero area") as e:
+        decode_segmentation(segmentation, H, W, "s")
+    assert e.value.category == "bad_polygon"
+    # a degenerate part of a target that has pixels is harmless
+    square = [[1, 1, 5, 1, 5, 5, 1, 5]]
+    np.testing.assert_array_equal(decode_segmentation(segmentation + square, H, W, "s"),
+                                  decode_segmentation(square, H, W, "s"))
+
+
+@pytest.mark.parametrize("segmentation", [[], {"size": [H, W], "counts": [H * W]}, [{"size": [H, W], "counts": [H * W]}]])
+def test_explicitly_empty_segmentation_is_an_empty_mask(segmentation):
+    """An empty list (officially: no target) and an all-zero RLE (how prepared data stores one)."""
+    mask = decode_segmentation(segmentation, H, W, "s")
+    assert mask.shape == (H, W) and not mask.any()
+
+
+def test_degenerate_polygon_through_a_source(tmp_path):
+    src = write_refer(tmp_path, segmentation=[[1, 1, 5, 5, 9, 9]])
+    with pytest.raises(BadSample, match="degenerate polygon") as e:
+        src.get(0, RNG)
+    assert e.value.sample_id == "refcoco:a.jpg" and e.value.category == "bad_polygon"
+
+
 def test_bad_polygon_through_a_source(tmp_path):
     src = write_refer(tmp_path, segmentation=[[1, 1, 50, 1, 50, 5, 1, 5]])
     with pytest.raises(BadSample, match="outside") as e:
@@ -198,6 +363,39 @@ def test_escaping_paths_through_sources(tmp_path):
     src._records[0] = {k: v for k, v in src._records[0].items() if k != "file_name"} | {"coco_url": "http://x/val2017/.."}
     with pytest.raises(BadSample, match="escapes"):
         src.get(0, RNG)
+
+
+def test_symlink_out_of_the_root_is_refused(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write_jpeg(outside / "a.jpg")
+    (root / "sub").mkdir(parents=True)
+    (root / "link.jpg").symlink_to(outside / "a.jpg")
+    (root / "sub" / "up").symlink_to(outside)
+    for name in ("link.jpg", "sub/up/a.jpg"):
+        with pytest.raises(BadSample, match="escapes the dataset root") as e:
+            resolve_in_root(root, name, "s")
+        assert e.value.category == "path_escapes_root"
+
+
+def test_symlinks_within_the_root_are_followed(tmp_path):
+    real = tmp_path / "real"
+    write_jpeg(real / "train/a.jpg")
+    (real / "b.jpg").symlink_to(real / "train/a.jpg")
+    (tmp_path / "root").symlink_to(real)  # the dataset directory itself may be a link
+    root = tmp_path / "root"
+    assert resolve_in_root(root, "b.jpg", "s") == root / "b.jpg"
+    assert resolve_in_root(root, "train/a.jpg", "s") == root / "train/a.jpg"
+
+
+def test_symlink_out_of_the_root_through_a_source(tmp_path):
+    write_jpeg(tmp_path / "secret.jpg")
+    src = write_refer(tmp_path / "r")
+    image = tmp_path / "r/images/mscoco/images/train2014/a.jpg"
+    image.unlink()
+    image.symlink_to(tmp_path / "secret.jpg")
+    with pytest.raises(BadSample, match="escapes the dataset root") as e:
+        src.get(0, RNG)
+    assert e.value.category == "path_escapes_root"
 
 
 # --- empty datasets and malformed files ----------------------------------------------------------------------

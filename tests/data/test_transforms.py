@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pixellm_jax.data.sample import bad_sample_category
 from pixellm_jax.data.transforms import (
+    check_image_shape,
     longest_side_shape,
     mask_shape,
     masks_to_canvas,
@@ -80,6 +82,30 @@ def test_preprocess_pads_after_normalisation():
     tall = preprocess_image(_image(60, 20, 1), 56, "clip")
     h, w = tall.resized_hw
     assert (h, w) == (56, 19) and np.all(tall.pixels[:, w:] == 0) and np.any(tall.pixels[:, w - 1] != 0)
+
+
+def test_thin_images_keep_a_one_pixel_side():
+    # 1 * 448 / 1000 = 0.448 rounds to 0: clamped to 1, where the official resize would fail.
+    assert longest_side_shape((1, 1000), 448) == (1, 448)
+    assert longest_side_shape((1000, 1), 448) == (448, 1)
+    assert longest_side_shape((1, 1), 448) == (448, 448)
+    assert longest_side_shape((1, 40), 448) == (11, 448)  # not thin enough to need it
+    thin = preprocess_image(_image(1, 1000), 56)
+    assert thin.resized_hw == (1, 56) and thin.original_hw == (1, 1000)
+    assert np.any(thin.pixels[0, :56] != 0) and not thin.pixels[1:].any()
+    masks = np.ones((2, 1000, 1), bool)
+    canvas, hw = masks_to_canvas(masks, 64)
+    assert hw == mask_shape((1000, 1), 64) == (64, 1) and canvas[:, :64, :1].all() and canvas.sum() == 2 * 64
+
+
+@pytest.mark.parametrize("shape", [(0, 40, 3), (40, 0, 3), (0, 0, 3), (4, 4), (4, 4, 4)])
+def test_empty_or_misshapen_images_are_refused(shape):
+    image = np.zeros(shape, np.uint8)
+    with pytest.raises(ValueError, match="image must be") as e:
+        check_image_shape(image)
+    assert bad_sample_category(str(e.value)) == "bad_image"
+    with pytest.raises(ValueError, match="image must be"):
+        preprocess_image(image, 56)
 
 
 def test_masks_keep_resolution_when_they_fit():

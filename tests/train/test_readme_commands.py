@@ -43,7 +43,8 @@ def readme_commands() -> list[str]:
             line = re.sub(r"\s+#\s.*$", "", line).strip()
             if line.startswith("pixellm "):
                 commands.append(" ".join(line.split()))
-    for span in re.findall(r"`(pixellm [^`]*--[^`]*)`", text):
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for span in re.findall(r"`(pixellm [^`\s]+ [^`]+)`", prose):
         span = " ".join(span.split())
         if span not in commands and span not in SYNOPSES:
             commands.append(span)
@@ -112,5 +113,5 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, compile_cac
         assert code == 0, f"README command failed ({code}): {command}"
         ran.append(command)
     assert {c.split()[1] for c in ran} >= {"train", "build-tokenizer", "eval", "predict", "convert", "export",
-                                           "describe"}
+                                           "describe", "checkpoints"}
     _check_outputs(cwd)
