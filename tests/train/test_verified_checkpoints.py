@@ -94,7 +94,7 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_p
 def test_resume_step_picks_a_checkpoint(tmp_path, compile_cache):
     out = tmp_path / "run"
     assert cli_main(["train", "--config", "demo", *SMALL, f"train.output_dir={out}", "train.eval_batches=0",
-                     "train.save_every=1", "train.steps=3"]) == 0
+                     "train.save_every=1", "train.keep=3", "train.steps=3"]) == 0
     trainer = Trainer(_cfg(out, "train.resume_step=1", "train.steps=3"), **QUIET)
     assert int(trainer.state.step) == 1
     with pytest.raises(Exception, match="train.resume_step: no checkpoint 7"):
