@@ -9,7 +9,6 @@ shards live, so no array is gathered to a host.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -74,7 +73,7 @@ def all_finite_traced(tree: Any) -> jax.Array:
     return jnp.isfinite(total)
 
 
-@functools.partial(jax.jit)
+@jax.jit
 def _all_finite(tree: Any) -> jax.Array:
     return all_finite_traced(tree)
 
