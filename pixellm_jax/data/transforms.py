@@ -1,7 +1,8 @@
 """Image and mask transforms: the official preprocessing, and masks batched into a fixed canvas.
 
 Images (reference §2.1): resize the longest side to `image_size` with PIL bilinear (antialiased
-when shrinking, as torchvision's resize of a PIL image), new size (int(h·s + 0.5), int(w·s + 0.5))
+when shrinking, as torchvision's resize of a PIL image; computed as Pillow 9.4.0 does by
+`resize.pil_bilinear_resize`, not by the installed Pillow), new size (int(h·s + 0.5), int(w·s + 0.5))
 with s = image_size / max(h, w); normalise (`official`: ImageNet mean/std on the 0–255 scale, which
 is what PixelLM uses; `clip`: CLIP's mean/std after scaling to 0–1); then zero-pad bottom and right
 to image_size² *after* normalisation. `resized_hw` (h', w') drives the ViT and LLM key masks
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+
+from pixellm_jax.data.resize import pil_bilinear_resize
 
 # ImageNet constants on 0-255 (SAM's pixel_mean / pixel_std), used by PixelLM for the CLIP input.
 OFFICIAL_MEAN = (123.675, 116.28, 103.53)
@@ -56,11 +58,15 @@ def longest_side_shape(hw: tuple[int, int], size: int) -> tuple[int, int]:
 
 
 def resize_longest_side(image: np.ndarray, size: int) -> np.ndarray:
-    """[H, W, 3] uint8 -> [h', w', 3] uint8, PIL bilinear to `longest_side_shape`."""
+    """[H, W, 3] uint8 -> [h', w', 3] uint8, bilinear to `longest_side_shape`.
+
+    The pixels of Pillow 9.4.0's bilinear resize (the official pin), whatever Pillow is installed
+    (`resize.pil_bilinear_resize`; newer Pillow orders the two passes differently for some sizes).
+    """
     h, w = longest_side_shape(image.shape[:2], size)
     if (h, w) == image.shape[:2]:
         return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    return pil_bilinear_resize(image, (h, w))
 
 
 @functools.lru_cache(maxsize=None)
