@@ -12,6 +12,7 @@ CORE = [
     "scipy>=1.11",
     "pyyaml>=6",
     "transformers>=4.46",  # tokenizers and checkpoint reading; no torch needed for that
+    "huggingface_hub>=0.26",  # `pixellm convert owner/name`: hub snapshots into the HF cache
     "tokenizers>=0.20",
     "sentencepiece>=0.2",
     "safetensors>=0.4",

@@ -32,6 +32,18 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
 # among them) sees the path the user meant from the directory the command ran in.
 PATH_ARGS = ("checkpoint", "out", "image", "source", "clip", "tokenizer", "root", "image_dir", "dataset_dir",
              "run_dir")
+HUB_ID_ARGS = ("source", "clip", "tokenizer")  # `pixellm convert`: also a hub id (owner/name) when no local path
+
+
+def _hub_id(args: argparse.Namespace, name: str, value: str) -> bool:
+    """Whether `value` of `--name` is a hub id for `pixellm convert`: spelled like one and no local path."""
+    from pathlib import Path
+
+    if args.command != "convert" or name not in HUB_ID_ARGS or Path(value).exists():
+        return False
+    from pixellm_jax.convert.hub import parse_hub_id
+
+    return parse_hub_id(value) is not None
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:
@@ -43,7 +55,7 @@ def _absolute_paths(args: argparse.Namespace) -> None:
         if name == "source" and args.command != "convert":  # prepare-data --source names a dataset kind
             continue
         value = getattr(args, name, None)
-        if isinstance(value, str) and value and "://" not in value:
+        if isinstance(value, str) and value and "://" not in value and not _hub_id(args, name, value):
             setattr(args, name, str(Path(value).absolute()))
     if getattr(args, "split", None) and args.command == "eval":
         args.split = [absolute_spec(s) for s in args.split]

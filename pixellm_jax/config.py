@@ -150,7 +150,8 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    # Compute dtype and storage dtype of frozen parameters; trainable ones are always float32.
+    # Compute dtype, and storage dtype of frozen parameters initialised here (trainable ones are
+    # always float32); a converted checkpoint stores each tensor as convert.param_dtype says.
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     frozen_param_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     # Attention kernel of LLaMA, CLIP and the SAM decoder (models/attention.py): "xla" is the
@@ -276,6 +277,16 @@ class TrainConfig:
 
 
 @dataclass
+class ConvertConfig:
+    """`pixellm convert`: how converted tensors are stored."""
+
+    # "source": each tensor keeps the dtype it has in the source files (a release's bf16 LLM and fp32
+    # CLIP, neck and pixel modules stay so, and export gives back the same bytes); a dtype name stores
+    # every floating-point tensor in it. Compute dtype (model.dtype) is chosen when the model is loaded.
+    param_dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"
+
+
+@dataclass
 class Config:
     name: str = ""
     seed: int = 0
@@ -287,6 +298,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
 
 
 # ---------------------------------------------------------------------------------------------

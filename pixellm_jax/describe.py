@@ -18,9 +18,9 @@ from flax import nnx
 
 from pixellm_jax.config import Config, load_config
 from pixellm_jax.models.lora import LoRAParam
-from pixellm_jax.models.multimodal import IMAGE_TOKEN
 from pixellm_jax.models.trainable import build_pixellm, trainable_filter
 from pixellm_jax.objective import pixellm_objective
+from pixellm_jax.tokens import IMAGE_TOKEN
 
 
 def parameter_table(cfg: Config) -> list[tuple[str, int, int, int]]:

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from pixellm_jax.config import LossConfig
-
-IGNORE_INDEX = -100
+from pixellm_jax.tokens import IGNORE_INDEX
 
 
 def text_ce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -9,14 +9,9 @@ from flax import nnx
 from transformers import AutoTokenizer
 
 from pixellm_jax.config import HeadConfig
-from pixellm_jax.models.codebook import (
-    add_codebook_tokens,
-    codebook_ids_from_tokenizer,
-    gather_seg_states,
-    resize_vocab_rows,
-    seg_token_strings,
-)
+from pixellm_jax.models.codebook import gather_seg_states, resize_vocab_rows
 from pixellm_jax.models.token_fusion import TextHiddenFcs, TokenFusion
+from pixellm_jax.tokens import add_codebook_tokens, codebook_ids_from_tokenizer, seg_token_strings
 from tests.tiny_tokenizer import build_tiny_tokenizer
 
 

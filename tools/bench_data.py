@@ -73,8 +73,9 @@ def step_rate(cfg, tok, steps: int) -> dict:
     import jax
 
     from pixellm_jax.data.pipeline import PipelineConfig
+    from pixellm_jax.mesh import make_mesh
     from pixellm_jax.train.data import training_pipeline
-    from pixellm_jax.train.mesh import batch_groups, batch_shardings, global_batch, make_mesh
+    from pixellm_jax.train.mesh import batch_groups, batch_shardings, global_batch
     from pixellm_jax.train.optimizer import make_optimizer
     from pixellm_jax.train.state import init_state
     from pixellm_jax.train.step import make_train_step

@@ -129,7 +129,8 @@ def main() -> None:
 
     from pixellm_jax.eval.generate import SamplingConfig, generate, generate_tokens
     from pixellm_jax.eval.recompute import generate_by_recomputation
-    from pixellm_jax.models.multimodal import IMAGE_TOKEN, splice_image_tokens
+    from pixellm_jax.models.multimodal import splice_image_tokens
+    from pixellm_jax.tokens import IMAGE_TOKEN
     from tests.eval.tiny import random_model
 
     cfg = bench_config(args)

@@ -50,9 +50,10 @@ import numpy as np
 from flax import nnx
 
 from pixellm_jax.config import Config, MeshConfig, load_config
-from pixellm_jax.models.multimodal import IGNORE_INDEX, IMAGE_TOKEN
+from pixellm_jax.mesh import make_mesh
 from pixellm_jax.models.trainable import build_pixellm
-from pixellm_jax.train.mesh import batch_shardings, global_batch, make_mesh
+from pixellm_jax.tokens import IGNORE_INDEX, IMAGE_TOKEN
+from pixellm_jax.train.mesh import batch_shardings, global_batch
 from pixellm_jax.train.metrics import step_flops
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.state import TrainState, split_model, state_layout

@@ -151,7 +151,8 @@ def plan_step(cfg, mesh_cfg, *, images_per_group: int = 2, convs_per_group: int 
     """
     import jax
 
-    from pixellm_jax.train.mesh import batch_parallelism, make_mesh
+    from pixellm_jax.mesh import make_mesh
+    from pixellm_jax.train.mesh import batch_parallelism
     from pixellm_jax.train.optimizer import make_optimizer
     from pixellm_jax.train.state import abstract_with_shardings, state_layout
     from pixellm_jax.train.step import make_train_step

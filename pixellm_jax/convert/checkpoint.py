@@ -234,11 +234,18 @@ def _require_files(directory: Path) -> None:
         )
 
 
-def restore_params(directory: str | Path, model_cfg: ModelConfig, mesh: Mesh | None = None) -> dict[str, jax.Array]:
-    """The saved parameters as arrays in the dtypes of `model_cfg` (sharded over `mesh` when given).
+def _saved_dtype(metadata, default: np.dtype) -> np.dtype:
+    dtype = getattr(metadata, "dtype", None)
+    return default if dtype is None else np.dtype(dtype)
 
-    Saved and expected parameter sets and shapes are compared first; a mismatch is one error that
-    names every differing path.
+
+def restore_params(directory: str | Path, model_cfg: ModelConfig, mesh: Mesh | None = None) -> dict[str, jax.Array]:
+    """The saved parameters, each in the dtype it is stored in (sharded over `mesh` when given).
+
+    Storage dtypes are the checkpoint's (a conversion keeps the source's, see converter.py), so a
+    model loaded from it computes with exactly the converted values; the compute dtype is the
+    config's. Saved and expected parameter sets and shapes are compared first; a mismatch is one
+    error that names every differing path.
     """
     directory = Path(directory).absolute()
     _require_files(directory)
@@ -262,7 +269,8 @@ def restore_params(directory: str | Path, model_cfg: ModelConfig, mesh: Mesh | N
         shardings = {p: one for p in targets}
     else:
         shardings = param_shardings(model_cfg, mesh)
-    item = _nest({p: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings[p]) for p, t in targets.items()})
+    item = _nest({p: jax.ShapeDtypeStruct(t.shape, _saved_dtype(saved[p], t.dtype), sharding=shardings[p])
+                  for p, t in targets.items()})
     restored = checkpointer.restore(
         directory / PARAMS_DIR,
         args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)),

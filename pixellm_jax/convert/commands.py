@@ -12,22 +12,25 @@ EXPORTS = ("pixellm", "llava-hf", "peft")
 
 def add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="import PyTorch weights (PixelLM release + CLIP, llava-hf, original LLaVA)")
-    p.add_argument("source", help="checkpoint directory (PixelLM: the hf_model/ folder or its parent)")
+    p.add_argument("source", help="checkpoint directory (PixelLM: the hf_model/ folder or its parent), or a hub id "
+                                   "owner/name[@revision] fetched into the Hugging Face cache (a local path wins)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="config overrides (right after SOURCE), applied last")
     p.add_argument("--out", help="output checkpoint directory (written beside, renamed when complete)")
     p.add_argument("--from", dest="kind", default="auto", choices=("auto", "pixellm", "llava-hf", "llava"),
                    help="source layout (default: from its config.json)")
-    p.add_argument("--clip", help="OpenAI CLIP checkpoint directory (needed for PixelLM and original LLaVA)")
-    p.add_argument("--tokenizer", help="tokenizer directory if not beside the weights")
+    p.add_argument("--clip", help="OpenAI CLIP checkpoint directory or hub id, e.g. openai/clip-vit-large-patch14-336 "
+                                  "(needed for PixelLM and original LLaVA)")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub id if not beside the weights")
     p.add_argument("--config", default="pixellm_7b", help="base config the source's architecture is written into")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--dry-run", action="store_true", help="print the key mapping and the config; write nothing")
     p.add_argument("--mesh", action="store_true",
                    help="build every parameter sharded over the config's mesh (each device reads its own slices)")
     p.add_argument("--check", action="store_true",
-                   help="run a prompt through the PyTorch source and the converted model; print logit diff and KL")
-    p.add_argument("--prompt", help="prompt for --check")
+                   help="compare every stored tensor with the source, and an image + question through PyTorch built "
+                        "from the source and through the converted model, stage by stage; exit 1 past tolerance")
+    p.add_argument("--prompt", help="the question --check asks")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="convert source tensors holding NaN/Inf as they are, with a warning per key "
                         "(default: stop with an error naming the key)")
@@ -77,7 +80,7 @@ def run_convert(args: argparse.Namespace) -> int:
             return 0
         mesh = None
         if args.mesh:
-            from pixellm_jax.train.mesh import make_mesh
+            from pixellm_jax.mesh import make_mesh
 
             mesh = make_mesh(spec.config.mesh)
         result = convert_checkpoint(spec, args.out, force=args.force, mesh=mesh, progress=not args.no_progress,
@@ -89,7 +92,12 @@ def run_convert(args: argparse.Namespace) -> int:
         if args.check:
             from pixellm_jax.convert.check import DEFAULT_PROMPT, check_conversion
 
-            print(check_conversion(args.out, spec.sources[0], args.prompt or DEFAULT_PROMPT))
+            report = check_conversion(args.out, result.plan, args.prompt or DEFAULT_PROMPT)
+            print(report)
+            if not report.passed:
+                print(f"pixellm convert: --check failed: {args.out} is not the source's model "
+                      "(see the lines above)", file=sys.stderr)
+                return 1
     except ConversionError as e:
         print(f"pixellm convert: {e}", file=sys.stderr)
         return 2

@@ -4,13 +4,23 @@
 complete, refused over an existing one without `force`); `convert_model` returns the model in memory
 (tests, `--check`). With a mesh, parameters are built shard by shard on their devices. A source tensor
 holding NaN/Inf stops the conversion unless `allow_nonfinite` (then it is a warning, in the report too).
+
+Storage dtypes (`storage_targets`): by default (`convert.param_dtype: source`) a loaded parameter keeps
+its source tensors' dtype, so a conversion is exact and exports back to the same bytes; parameters
+the source does not hold (LoRA factors of a base model) take the model's dtypes. An explicit
+`convert.param_dtype` stores every floating-point parameter in that dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
 
 from jax.sharding import Mesh
 
@@ -26,7 +36,8 @@ from pixellm_jax.convert.checkpoint import (
 from pixellm_jax.convert.importers import ImportSpec
 from pixellm_jax.convert.stream import FiniteCheck, fill_buffers, initial_values, place_sharded
 from pixellm_jax.convert.tables import transforms_for
-from pixellm_jax.convert.validate import Plan, build_plan
+from pixellm_jax.convert.readers import FLOAT_DTYPES
+from pixellm_jax.convert.validate import Plan, Target, build_plan
 from pixellm_jax.models.pixellm import PixelLM
 
 
@@ -46,10 +57,38 @@ def plan_conversion(spec: ImportSpec) -> Plan:
     )
 
 
+STORED_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16), "float16": np.dtype(np.float16)}
+
+
+def _storable(dtype: np.dtype) -> np.dtype:
+    """float64 sources are stored as float32 (JAX runs without 64-bit floats)."""
+    return np.dtype(np.float32) if dtype == np.float64 else np.dtype(dtype)
+
+
+def storage_targets(targets: dict[str, Target], plan: Plan, param_dtype: str) -> dict[str, Target]:
+    """`targets` with the dtype each parameter is stored in (see the module docstring)."""
+    loads = plan.by_target()
+    out = {}
+    for path, target in targets.items():
+        dtype = target.dtype
+        if dtype in FLOAT_DTYPES:
+            if param_dtype != "source":
+                dtype = STORED_DTYPES[param_dtype]
+            elif path in loads:  # layers of one stacked parameter could differ: the widest holds them all
+                dtype = _storable(np.dtype(jnp.result_type(*(ld.info.dtype for ld in loads[path]))))
+        out[path] = dataclasses.replace(target, dtype=dtype)
+    return out
+
+
+def stored_dtypes(targets: dict[str, Target]) -> dict[str, int]:
+    """How many parameters are stored in each dtype (for the report)."""
+    return dict(sorted(Counter(str(t.dtype) for t in targets.values()).items()))
+
+
 def _parameters(spec: ImportSpec, plan: Plan, mesh: Mesh | None, buffer_dir: Path | None, progress: bool,
                 check: FiniteCheck):
     cfg = spec.config
-    targets = target_specs(cfg.model)
+    targets = storage_targets(target_specs(cfg.model), plan, cfg.convert.param_dtype)
     to_init = list(plan.initialised) + list(plan.partial)
     if mesh is None:
         initial = initial_values(cfg.model, cfg.seed, to_init)
@@ -60,7 +99,10 @@ def _parameters(spec: ImportSpec, plan: Plan, mesh: Mesh | None, buffer_dir: Pat
 
 
 def conversion_report(spec: ImportSpec, plan: Plan) -> dict:
-    return {"source": spec.info, "config": spec.config.name, "notes": spec.notes, "plan": plan.report()}
+    stored = storage_targets(target_specs(spec.config.model), plan, spec.config.convert.param_dtype)
+    return {"source": spec.info, "config": spec.config.name, "notes": spec.notes,
+            "param_dtype": spec.config.convert.param_dtype, "stored_dtypes": stored_dtypes(stored),
+            "plan": plan.report()}
 
 
 def convert_checkpoint(

@@ -20,6 +20,9 @@ For the LLaVA kinds the tokenizer gains the codebook tokens (`[SEG0..]`, then `<
 when `data.use_im_start_end`) as the official training script adds them, and the vocabulary grows to
 match: the source rows load, the new rows are initialised (N(0, 0.02), as transformers 4.31 resized).
 
+Each of the source, `--clip` and `--tokenizer` is a local path or a Hugging Face hub id
+(`owner/name[@revision]`), fetched into the hub cache by `hub.local_or_hub`; a local path wins.
+
 The model config starts from a base YAML (`--config`, default `pixellm_7b`); the source's
 `config.json` (read as plain JSON, never via AutoConfig) sets the LLaMA and CLIP architecture, the
 vocabulary size comes from the tensors, the codebook ids and N·L from the added-token table, and the
@@ -37,6 +40,7 @@ from typing import Callable, Sequence
 
 from pixellm_jax.config import Config, ConfigError, apply_override, from_dict, load_config, to_dict
 from pixellm_jax.convert.errors import ConversionError
+from pixellm_jax.convert.hub import local_or_hub
 from pixellm_jax.convert.readers import CheckpointReader
 from pixellm_jax.convert.tables import Table, clip_table, llava_hf_table, llava_table, pixellm_release_table
 from pixellm_jax.convert.validate import Source
@@ -232,8 +236,8 @@ def _is_lora(path: str) -> bool:
 def _clip_source(clip: PathArg, kind: str) -> tuple[Source, dict]:
     if clip is None:
         raise ConversionError(
-            f"a {kind} checkpoint carries no CLIP weights; pass --clip DIR with the OpenAI CLIP checkpoint "
-            "(openai/clip-vit-large-patch14-336)"
+            f"a {kind} checkpoint carries no CLIP weights; pass --clip DIR with the OpenAI CLIP checkpoint, "
+            "or its hub id openai/clip-vit-large-patch14-336"
         )
     clip = Path(clip)
     directory = clip if clip.is_dir() else clip.parent
@@ -293,7 +297,7 @@ def _extend_tokenizer(
     """
     from transformers import AutoTokenizer
 
-    from pixellm_jax.models.codebook import add_codebook_tokens
+    from pixellm_jax.tokens import add_codebook_tokens
 
     _copy_tokenizer(directory)  # fails clearly when there is no tokenizer
     try:
@@ -404,11 +408,19 @@ def prepare_import(
     base: str = "pixellm_7b",
     overrides: Sequence[str] = (),
 ) -> ImportSpec:
-    """Open the source checkpoint(s) and work out the config and the tables (`kind`: KINDS or "auto")."""
+    """Open the source checkpoint(s) and work out the config and the tables (`kind`: KINDS or "auto").
+
+    `source`, `clip` and `tokenizer` are local paths or hub ids (`owner/name[@revision]`, `hub.py`).
+    """
+    importers = {"pixellm": _import_pixellm, "llava-hf": _import_llava_hf, "llava": _import_llava}
+    if kind != "auto" and kind not in importers:
+        raise ConversionError(f"unknown source kind {kind!r}; one of {', '.join(KINDS)}")
+    source, source_note = local_or_hub(source)
+    clip, clip_note = local_or_hub(clip)
+    tokenizer, tokenizer_note = local_or_hub(tokenizer, weights=False)
     source = model_directory(source)
     if kind == "auto":
         kind = detect_kind(source)
-    importers = {"pixellm": _import_pixellm, "llava-hf": _import_llava_hf, "llava": _import_llava}
-    if kind not in importers:
-        raise ConversionError(f"unknown source kind {kind!r}; one of {', '.join(KINDS)}")
-    return importers[kind](source, clip, tokenizer, base, list(overrides))
+    spec = importers[kind](source, clip, tokenizer, base, list(overrides))
+    spec.notes[:0] = [n for n in (source_note, clip_note, tokenizer_note) if n]
+    return spec

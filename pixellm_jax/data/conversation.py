@@ -33,8 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pixellm_jax.data.sample import IMAGE_PLACEHOLDER, SEG_PLACEHOLDER
-from pixellm_jax.models.codebook import codebook_ids_from_tokenizer
-from pixellm_jax.models.multimodal import IGNORE_INDEX, IMAGE_TOKEN
+from pixellm_jax.tokens import IGNORE_INDEX, IMAGE_TOKEN, codebook_ids_from_tokenizer
 
 IM_START = "<im_start>"
 IM_END = "<im_end>"

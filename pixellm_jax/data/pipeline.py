@@ -15,7 +15,7 @@ Stages (all deterministic for a seed):
   5. Batches of `images_per_batch` samples are packed into fixed shapes (below) in the main process,
      as `groups` aligned blocks (one per device of the process's batch share): block g holds images
      [g·Bi/G, (g+1)·Bi/G) and conversation slots [g·Q/G, (g+1)·Q/G), and a conversation only takes a
-     slot of its image's block (`models.grouped_take`: the image gather then stays on the device).
+     slot of its image's block (`data.blocks`; the image gather then stays on the device).
 The iterator's position is Grain state: `it.get_state()` / `it.set_state(state)` on the iterator from
 `iter(pipeline)` resumes with exactly the same batches (the trainer stores it with the checkpoint).
 
@@ -65,11 +65,11 @@ from typing import Literal, NamedTuple, Sequence
 import grain
 import numpy as np
 
+from pixellm_jax.data.blocks import block_first_rows
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_training
 from pixellm_jax.data.sample import DROP_REASONS, BadSample, Sample, Source, bad_sample_category
 from pixellm_jax.data.transforms import mask_shape, masks_to_canvas, preprocess_image
-from pixellm_jax.models.grouped_take import block_first_rows
-from pixellm_jax.models.multimodal import IGNORE_INDEX
+from pixellm_jax.tokens import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from typing import Iterator, Literal, Sequence
 
 import numpy as np
 
+from pixellm_jax.data.blocks import block_first_rows
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_generation, tokenize_training
 from pixellm_jax.data.sample import IMAGE_PLACEHOLDER, BadSample, Source
 from pixellm_jax.data.specs import PROTOCOLS
 from pixellm_jax.data.transforms import Normalization, check_image_shape, preprocess_image
-from pixellm_jax.models.grouped_take import block_first_rows
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,16 @@ class BatchShape:
     token_buckets: tuple[int, ...] = (64, 128, 257)
     canvas_step: int = 128
     use_im_start_end: bool = True
+
+
+def inference_shape(cfg, devices: int, images: int = 8, rows: int = 8, canvas_step: int = 128) -> BatchShape:
+    """The batch shape of `pixellm eval` / `predict` for config `cfg`, rounded up to whole `devices`."""
+    return BatchShape(
+        images=-(-images // devices) * devices, rows=-(-rows // devices) * devices,
+        image_size=cfg.model.vision.image_size, normalization=cfg.data.normalization,
+        token_buckets=tuple(cfg.data.token_buckets), canvas_step=canvas_step,
+        use_im_start_end=cfg.data.use_im_start_end, groups=devices,
+    )
 
 
 def round_up(value: int, step: int) -> int:

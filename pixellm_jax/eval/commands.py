@@ -11,10 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from pixellm_jax.eval.batches import BatchShape
+from pixellm_jax.eval.batches import BatchShape, inference_shape
 from pixellm_jax.eval.evaluate import EvalSettings, run_eval
 from pixellm_jax.eval.generate import SamplingConfig
-from pixellm_jax.eval.loading import Loaded, load_for_inference
+from pixellm_jax.eval.loading import Loaded, decoder, load_for_inference
 from pixellm_jax.eval.predict import NothingPredicted, image_files, predict, write_prediction
 from pixellm_jax.eval.runner import BatchRunner
 from pixellm_jax.eval.splits import parse_split
@@ -26,22 +26,12 @@ def load(args: argparse.Namespace) -> Loaded:
 
 def batch_shape(loaded: Loaded, runner: BatchRunner, args: argparse.Namespace) -> BatchShape:
     """Batch shapes from the config and the arguments, rounded up to whole devices."""
-    n = runner.local_devices
-    cfg = loaded.config
-    return BatchShape(
-        images=-(-args.images_per_batch // n) * n, rows=-(-args.rows_per_batch // n) * n,
-        image_size=cfg.model.vision.image_size, normalization=cfg.data.normalization,
-        token_buckets=tuple(cfg.data.token_buckets), canvas_step=args.canvas_step,
-        use_im_start_end=cfg.data.use_im_start_end, groups=n,
-    )
+    return inference_shape(loaded.config, runner.local_devices, args.images_per_batch, args.rows_per_batch,
+                           args.canvas_step)
 
 
 def sampling(args: argparse.Namespace) -> SamplingConfig:
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-
-
-def _decoder(loaded: Loaded):
-    return lambda ids: loaded.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def eval_command(args: argparse.Namespace, loaded: Loaded) -> dict:
@@ -50,7 +40,7 @@ def eval_command(args: argparse.Namespace, loaded: Loaded) -> dict:
     runner = BatchRunner(loaded.model)
     settings = EvalSettings(shape=batch_shape(loaded, runner, args), sampling=sampling(args), seed=args.seed,
                             num_points=args.num_points, judge=args.judge)
-    metrics = run_eval(runner, loaded.legacy, _decoder(loaded), splits, args.out, settings,
+    metrics = run_eval(runner, loaded.legacy, decoder(loaded), splits, args.out, settings,
                        progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
     return metrics
@@ -73,7 +63,7 @@ def predict_command(args: argparse.Namespace, loaded: Loaded) -> None:
         if len(paths) > 1:
             print(f"{path}: skipped: {reason}", file=sys.stderr)
 
-    for pred in predict(runner, loaded.legacy, _decoder(loaded), paths, args.question, shape, sampling(args),
+    for pred in predict(runner, loaded.legacy, decoder(loaded), paths, args.question, shape, sampling(args),
                         args.seed, on_skip):
         files = write_prediction(pred, args.out)
         print(f"{pred.image_path}: {pred.answer}")

@@ -40,6 +40,11 @@ def legacy_tokenizer(tokenizer: Any, cfg: Config) -> LegacyTokenizer:
     return legacy
 
 
+def decoder(loaded: Loaded):
+    """Token ids -> text, special tokens kept (the official chat output, `[k]` markers added later)."""
+    return lambda ids: loaded.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
 def load_for_inference(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Loaded:
     """Model, config and tokenizers from a checkpoint directory; `overrides` adjust its config."""
     from transformers import AutoTokenizer

@@ -6,19 +6,20 @@ For each image the question is asked in the official chat format ("<image>\\n{qu
                        and a legend of numbers and colours in the top-left corner;
   <stem>_mask_<k>.png  target k as a 0/255 greyscale mask;
 all at the input image's size. An image that cannot be read is left out and reported (`on_skip`);
-the others are still predicted.
+the others are still predicted. Images may be files or in memory (PIL images, uint8 arrays): the
+`Predictor` API (pixellm_jax/predictor.py) calls the same `predict`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_generation
-from pixellm_jax.data.dataset_io import load_image
+from pixellm_jax.data.dataset_io import image_to_rgb, load_image
 from pixellm_jax.data.sample import IMAGE_PLACEHOLDER, BadSample
 from pixellm_jax.errors import UserError, writing
 from pixellm_jax.eval.answer_text import numbered_answer
@@ -59,31 +60,54 @@ def image_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+ImageInput = Union[str, Path, np.ndarray, Image.Image]
+
+
+def read_image(image: ImageInput, index: int = 0) -> tuple[Path, np.ndarray]:
+    """(name, [H, W, 3] uint8 RGB) of an image file, a PIL image or an array; BadSample if unusable.
+
+    In-memory images are named `image_<index>`; an array must be [H, W, 3] (or [H, W]) uint8.
+    """
+    if isinstance(image, (str, Path)):
+        return Path(image), load_image(image, str(image))
+    name = Path(f"image_{index}")
+    if isinstance(image, Image.Image):
+        return name, image_to_rgb(image)
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+        raise BadSample(str(name), f"expected an [H, W, 3] uint8 RGB array, got {array.dtype} {array.shape}")
+    return name, array
+
+
 def predict(
     runner: BatchRunner,
     tok: LegacyTokenizer,
     decode: Callable[[list[int]], str],
-    paths: list[Path],
+    sources: Sequence[ImageInput],
     question: str,
     shape: BatchShape,
     sampling: SamplingConfig,
     seed: int = 0,
     on_skip: Callable[[Path, str], None] = lambda path, reason: None,
 ) -> Iterator[Prediction]:
-    """Answers and masks for each image, batched; an unreadable image is passed to `on_skip` with the
-    reason and left out."""
+    """Answers and masks for each image (file, PIL image or array), batched; an unusable image is
+    passed to `on_skip` with the reason and left out."""
     head = runner.cfg.head
     prompt = tokenize_generation(tok, f"{IMAGE_PLACEHOLDER}\n{question}", use_im_start_end=shape.use_im_start_end)
 
     images: dict[int, np.ndarray] = {}
+    paths: dict[int, Path] = {}
 
     def stream():
-        for i, path in enumerate(paths):
+        for i, source in enumerate(sources):
             try:
-                images[i] = load_image(path, str(path))
+                paths[i], images[i] = read_image(source, i)
             except BadSample as e:
-                on_skip(path, e.reason)
+                on_skip(Path(source) if isinstance(source, (str, Path)) else Path(f"image_{i}"), e.reason)
                 continue
+            path = paths[i]
             empty = np.zeros((0, *images[i].shape[:2]), bool)
             yield images[i], [EvalItem(i, 0, str(path), question, "", empty, prompt)]
 
@@ -95,7 +119,7 @@ def predict(
             n = int(min(out["num_targets"][j], head.max_targets))
             h, w = item.gt.shape[1:]
             image = images.pop(item.sample_index)
-            yield Prediction(paths[item.sample_index], image, answer, out["mask_logits"][j, :n, :h, :w] > 0)
+            yield Prediction(paths.pop(item.sample_index), image, answer, out["mask_logits"][j, :n, :h, :w] > 0)
 
 
 def overlay(image: np.ndarray, masks: np.ndarray) -> Image.Image:

@@ -23,13 +23,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pixellm_jax.data.blocks import block_first_rows
 from pixellm_jax.eval.batches import BatchShape, EvalBatch
 from pixellm_jax.eval.generate import SamplingConfig, generate
 from pixellm_jax.eval.teacher_forced import teacher_forced_outputs
-from pixellm_jax.models.grouped_take import block_first_rows
-from pixellm_jax.models.multimodal import IMAGE_TOKEN
 from pixellm_jax.models.pixellm import PixelLM
 from pixellm_jax.postprocess import target_masks
+from pixellm_jax.tokens import IMAGE_TOKEN
 
 ROWS = PartitionSpec("data")
 

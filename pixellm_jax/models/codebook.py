@@ -1,10 +1,11 @@
-"""Segmentation codebook: the `[SEG*]` tokens, their vocabulary rows, and gathering their states.
+"""Segmentation codebook: its vocabulary rows and gathering the states of its `[SEG*]` tokens.
 
 The codebook has N tokens per level and L levels (reference §1.5). In the answer text every target
 is written as N·L consecutive codebook tokens; the hidden state that *predicts* each of them (the
 state at position p−1 for a token at p) becomes that token's embedding (reference §2.5, §10.7).
 Within a target the first N states form the level-0 (deep) prompt, the next N level 1, and so on;
 grouping is purely by order of occurrence, token identity is never checked (as in the official code).
+The token strings and their ids in a tokenizer live in `pixellm_jax/tokens.py`.
 """
 
 from __future__ import annotations
@@ -13,38 +14,6 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-
-
-def seg_token_strings(n: int, l: int) -> list[str]:
-    """`[SEG0]`..`[SEG{N·L−1}]`, or the single LISA-style `[SEG]` when N·L = 1."""
-    if n < 1 or l < 1:
-        raise ValueError(f"codebook needs n >= 1 and l >= 1, got n={n}, l={l}")
-    if n * l == 1:
-        return ["[SEG]"]
-    return [f"[SEG{i}]" for i in range(n * l)]
-
-
-def codebook_ids_from_tokenizer(tokenizer, n: int, l: int) -> list[int]:
-    """Ids of the codebook tokens of an already-extended transformers tokenizer.
-
-    Read from the tokenizer's added-token table, never by tokenizing the strings (newer tokenizers
-    can return a SentencePiece "▁" piece first, official issue #23).
-    """
-    added = tokenizer.get_added_vocab()
-    names = seg_token_strings(n, l)
-    missing = [s for s in names if s not in added]
-    if missing:
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} lacks codebook tokens {missing} "
-            f"(N={n}, L={l}); add them with add_codebook_tokens or use the checkpoint's tokenizer"
-        )
-    return [int(added[s]) for s in names]
-
-
-def add_codebook_tokens(tokenizer, n: int, l: int) -> list[int]:
-    """Add the codebook tokens (not special, as the official `add_tokens`) and return their ids."""
-    tokenizer.add_tokens(seg_token_strings(n, l))
-    return codebook_ids_from_tokenizer(tokenizer, n, l)
 
 
 def resize_vocab_rows(

@@ -4,8 +4,9 @@ Every conversation (and every target) reads the features of its image: `x[index]
 split over data × fsdp, XLA cannot know that a conversation's image lives on its own device, so a
 plain gather all-gathers the image features of the whole global batch (7B on 256 devices: 2.1 GB
 per feature map and per gradient). The input pipeline packs each batch as `groups` aligned blocks
-(block g: images [g·B/G, (g+1)·B/G), conversations [g·Q/G, (g+1)·Q/G), each conversation's image in
-its own block), so the gather is done per block, batched over the block axis, which is sharded.
+(`data/blocks.py`; block g: images [g·B/G, (g+1)·B/G), conversations [g·Q/G, (g+1)·Q/G), each
+conversation's image in its own block), so the gather is done per block, batched over the block
+axis, which is sharded.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pixellm_jax.sharding import constrain, logical_spec
 
@@ -36,12 +36,6 @@ def take_in_groups(x: jax.Array, index: jax.Array, groups: int = 1) -> jax.Array
     local = index.reshape(groups, n // groups) - (jnp.arange(groups, dtype=index.dtype) * per)[:, None]
     out = jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0, mode="clip"))(blocks, _blocks_on_batch_axes(local))
     return _blocks_on_batch_axes(out).reshape(n, *x.shape[1:])
-
-
-def block_first_rows(groups: int, rows: int, n: int) -> np.ndarray:
-    """[n] int32 host index: for n slots in `groups` blocks, the first of their block's `rows` / `groups`
-    rows (where padding slots point, so they stay in their block)."""
-    return np.repeat(np.arange(groups, dtype=np.int32) * (rows // groups), n // groups)
 
 
 def _blocks_on_batch_axes(x: jax.Array) -> jax.Array:

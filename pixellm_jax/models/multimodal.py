@@ -13,8 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-IMAGE_TOKEN = -200
-IGNORE_INDEX = -100
+from pixellm_jax.tokens import IGNORE_INDEX, IMAGE_TOKEN
 
 
 class Spliced(NamedTuple):

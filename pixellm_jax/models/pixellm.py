@@ -35,6 +35,7 @@ class ImageFeatures(NamedTuple):
     llm_tokens: jax.Array  # [B, llm_grid^2, H] projected image tokens for the LLM
     llm_mask: jax.Array  # [B, llm_grid^2] bool, False for tokens over padding
     decoder: list[jax.Array]  # L neck outputs [B, grid, grid, C], deep level first
+    vision: list[jax.Array]  # the CLIP feature levels [B, grid^2, D] (patch tokens), deep level first
 
 
 class PixelLMOutput(NamedTuple):
@@ -79,7 +80,7 @@ class PixelLM(nnx.Module):
         decoder = [
             self.image_feature_neck(out_proj(f).reshape(b, grid, grid, -1)) for f in feats[: h.scale_num]
         ]
-        return ImageFeatures(llm_tokens, llm_mask, decoder)
+        return ImageFeatures(llm_tokens, llm_mask, decoder, feats)
 
     def language(
         self,
@@ -107,15 +108,19 @@ class PixelLM(nnx.Module):
                        deterministic=deterministic)
         return spliced, out
 
+    def seg_embeddings(self, hidden: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, SegGather]:
+        """The fused prompt embeddings [Q, M, L, C] of the codebook groups found in `token_ids` [Q, T]."""
+        h = self.cfg.head
+        seg = gather_seg_states(hidden, token_ids, self.seg_ids, h.seg_token_num, h.scale_num, h.max_targets)
+        # text_hidden_fcs acts per position, so applying it after the gather equals the official order.
+        return self.token_fusion(self.text_hidden_fcs(seg.states)), seg
+
     def decode_masks(
         self, images: ImageFeatures, hidden: jax.Array, token_ids: jax.Array, conv_image: jax.Array,
         image_groups: int = 1,
     ) -> tuple[jax.Array, SegGather]:
         """Mask logits [Q, M, h_out, w_out] for the codebook groups found in `token_ids` [Q, T]."""
-        h = self.cfg.head
-        seg = gather_seg_states(hidden, token_ids, self.seg_ids, h.seg_token_num, h.scale_num, h.max_targets)
-        # text_hidden_fcs acts per position, so applying it after the gather equals the official order.
-        prompts = self.token_fusion(self.text_hidden_fcs(seg.states))  # [Q, M, L, C]
+        prompts, seg = self.seg_embeddings(hidden, token_ids)
         q, m = prompts.shape[:2]
         image_index = jnp.repeat(conv_image, m)
         masks = self.mask_decoder(images.decoder, prompts.reshape(q * m, *prompts.shape[2:]), image_index,

@@ -15,8 +15,8 @@ from pixellm_jax.config import ConfigError, load_config
 
 def checkpoints_command(args: argparse.Namespace) -> int:
     """Print one line per step (newest first); exit 1 when any step is corrupt."""
+    from pixellm_jax.mesh import make_mesh
     from pixellm_jax.train.checkpoint import Checkpointer
-    from pixellm_jax.train.mesh import make_mesh
     from pixellm_jax.train.optimizer import make_optimizer
     from pixellm_jax.train.state import state_layout
 

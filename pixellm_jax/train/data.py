@@ -32,7 +32,7 @@ from pixellm_jax.data.sample import BadSample, Source
 from pixellm_jax.data.specs import DatasetSpec, SpecContext, SpecError, default_name, open_spec, parse_spec, protocol_of
 from pixellm_jax.data.synthetic import SyntheticShapes
 from pixellm_jax.data.tokenizer_builder import CHAT_TEXTS, build_tiny_tokenizer
-from pixellm_jax.models.codebook import add_codebook_tokens
+from pixellm_jax.tokens import add_codebook_tokens
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,12 @@ from pixellm_jax.config import Config, ConfigError, dump_config, resolve_paths
 from pixellm_jax.data.pipeline import NothingUsable, PipelineConfig, TooManyDropped
 from pixellm_jax.data.token_lengths import conversation_lengths, describe, length_report
 from pixellm_jax.errors import writing
+from pixellm_jax.mesh import make_mesh
 from pixellm_jax.train import distributed
 from pixellm_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, write_model
 from pixellm_jax.train.data import load_tokenizer, tokenizer_directory, training_pipeline, with_tokenizer_ids
 from pixellm_jax.train.heldout import HeldOut, NothingScoredInValidation
-from pixellm_jax.train.mesh import batch_groups, batch_shardings, global_batch, make_mesh
+from pixellm_jax.train.mesh import batch_groups, batch_shardings, global_batch
 from pixellm_jax.train.metrics import MetricsWriter, peak_flops, step_flops
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.preemption import PreemptionWatch

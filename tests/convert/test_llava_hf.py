@@ -16,7 +16,7 @@ from flax import nnx
 from pixellm_jax.convert.converter import convert_model
 from pixellm_jax.convert.importers import prepare_import
 from pixellm_jax.convert.readers import CheckpointReader
-from pixellm_jax.models.multimodal import IMAGE_TOKEN
+from pixellm_jax.tokens import IMAGE_TOKEN
 from tests.convert import fixtures as fx
 
 LLAVA_SEMANTICS = [

@@ -102,12 +102,17 @@ def test_existing_output_is_kept_without_force(release):
     assert not list(ckpt.parent.glob(".converted.*"))
 
 
-def test_language_model_matches_transformers(release):
+def test_check_compares_the_whole_model_with_pytorch(release):
     from pixellm_jax.convert.check import check_conversion
 
-    result = check_conversion(release["ckpt"], release["spec"].sources[0])
-    assert result.vocab == fx.RELEASE_VOCAB and result.tokens > 10
-    assert result.max_abs_diff <= 1e-5 and result.kl <= 1e-9
+    report = check_conversion(release["ckpt"], release["plan"])
+    assert report.passed, str(report)
+    assert report.exact == len(release["plan"].loads) and not report.rounded and not report.differ
+    names = {s.name for s in report.stages}
+    assert {"image tokens", "LLM logits", "[SEG] embeddings", "low-resolution mask logits",
+            "final mask logits"} <= names
+    assert all(s.max_abs_diff <= 1e-5 for s in report.stages), str(report)
+    assert report.mask_pixels > 0 and report.sign_flips == 0
 
 
 def test_mesh_conversion_places_every_tensor(release, tmp_path):

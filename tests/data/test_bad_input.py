@@ -26,7 +26,7 @@ from pixellm_jax.data.sample import BadSample, Conversation, Sample, Source, bad
 from pixellm_jax.data.tfds_source import decode_image_bytes
 from pixellm_jax.data.vqa import VqaSource
 from pixellm_jax.eval.batches import BatchShape, eval_batches
-from pixellm_jax.models.codebook import add_codebook_tokens
+from pixellm_jax.tokens import add_codebook_tokens
 from tests.tiny_tokenizer import build_tiny_tokenizer
 
 H, W = 12, 16

@@ -20,7 +20,7 @@ from pixellm_jax.data.conversation import (
     training_labels,
     training_prompt,
 )
-from pixellm_jax.models.codebook import add_codebook_tokens
+from pixellm_jax.tokens import add_codebook_tokens
 from tests.tiny_tokenizer import TOKENIZER_CONFIG, _TEXTS, build_tiny_tokenizer
 
 SYSTEM = (

@@ -13,8 +13,7 @@ from pixellm_jax.data.sample import DROP_REASONS
 from pixellm_jax.data.sample import BadSample, Conversation, Sample, Source
 from pixellm_jax.data.synthetic import SyntheticShapes
 from pixellm_jax.data.transforms import masks_to_canvas, preprocess_image
-from pixellm_jax.models.codebook import add_codebook_tokens
-from pixellm_jax.models.multimodal import IMAGE_TOKEN
+from pixellm_jax.tokens import IMAGE_TOKEN, add_codebook_tokens
 from tests.tiny_tokenizer import build_tiny_tokenizer
 
 BUCKETS = [96, 128, 160, 257]

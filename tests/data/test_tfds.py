@@ -102,7 +102,7 @@ def test_reading_imports_no_tensorflow(data):
         from pixellm_jax.data.conversation import LegacyTokenizer
         from pixellm_jax.data.pipeline import InputPipeline, PipelineConfig
         from pixellm_jax.data.tfds_source import TfdsSource
-        from pixellm_jax.models.codebook import add_codebook_tokens
+        from pixellm_jax.tokens import add_codebook_tokens
 
         out = {str(data["out"])!r}
         sources = [TfdsSource("pixellm_records/refcoco_unc", "train", out),

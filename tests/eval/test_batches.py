@@ -9,7 +9,7 @@ from pixellm_jax.data.synthetic import SyntheticShapes
 from pixellm_jax.eval.answer_text import number_placeholders, numbered_answer
 from pixellm_jax.eval.batches import BatchShape, eval_batches, token_bucket
 from pixellm_jax.eval.splits import parse_split
-from pixellm_jax.models.multimodal import IMAGE_TOKEN
+from pixellm_jax.tokens import IMAGE_TOKEN
 
 SEG = [90, 91, 92, 93, 94, 95]
 

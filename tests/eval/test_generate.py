@@ -10,8 +10,8 @@ from flax import nnx
 
 from pixellm_jax.eval.generate import SamplingConfig, generate, select_tokens
 from pixellm_jax.eval.recompute import generate_by_recomputation
-from pixellm_jax.models.multimodal import IMAGE_TOKEN
 from pixellm_jax.models.trainable import build_pixellm
+from pixellm_jax.tokens import IMAGE_TOKEN
 from tests.eval.tiny import chain_answers, random_model, tiny_config, tiny_tokenizer
 
 EOS, PAD, MAX_NEW = 2, 0, 12

@@ -15,8 +15,8 @@ from transformers import AutoTokenizer
 from pixellm_jax.config import load_config
 from pixellm_jax.convert.checkpoint import model_params, staged_output, write_checkpoint
 from pixellm_jax.eval.loading import inference_config
-from pixellm_jax.models.codebook import add_codebook_tokens
 from pixellm_jax.models.trainable import build_pixellm
+from pixellm_jax.tokens import add_codebook_tokens
 from tests.tiny_tokenizer import build_tiny_tokenizer
 
 

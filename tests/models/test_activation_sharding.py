@@ -17,9 +17,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from pixellm_jax.config import MeshConfig, TextConfig
+from pixellm_jax.mesh import make_mesh
 from pixellm_jax.models.llama import LlamaModel
 from pixellm_jax.sharding import constrain
-from pixellm_jax.train.mesh import make_mesh
 
 TINY = TextConfig(
     vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

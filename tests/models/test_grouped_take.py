@@ -7,8 +7,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pixellm_jax.config import MeshConfig
+from pixellm_jax.mesh import make_mesh
 from pixellm_jax.models.grouped_take import take_in_groups
-from pixellm_jax.train.mesh import make_mesh
 
 
 def _aligned_index(rng, rows: int, n: int, groups: int) -> np.ndarray:

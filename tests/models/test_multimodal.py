@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import torch
 
-from pixellm_jax.models.multimodal import IGNORE_INDEX, IMAGE_TOKEN, splice_image_tokens
+from pixellm_jax.models.multimodal import splice_image_tokens
+from pixellm_jax.tokens import IGNORE_INDEX, IMAGE_TOKEN
 from pixellm_jax.models.projector import pool_patches
 
 

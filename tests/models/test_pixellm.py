@@ -8,9 +8,9 @@ from flax import nnx
 
 from pixellm_jax.config import load_config
 from pixellm_jax.models.lora import LoRAParam
-from pixellm_jax.models.multimodal import IMAGE_TOKEN
 from pixellm_jax.models.trainable import build_pixellm, trainable_filter
 from pixellm_jax.objective import pixellm_objective
+from pixellm_jax.tokens import IMAGE_TOKEN
 
 # Decoder outputs the official model computes but never uses: their parameters get no gradient.
 DEAD = ("iou_prediction_head", "output_hypernetworks_mlps/1", "output_hypernetworks_mlps/2",

@@ -5,8 +5,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from pixellm_jax.config import MeshConfig, load_config
+from pixellm_jax.mesh import make_mesh
 from pixellm_jax.train.checkpoint import Checkpointer
-from pixellm_jax.train.mesh import make_mesh
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.state import TrainState, init_state, state_layout
 

@@ -30,6 +30,8 @@ SYNOPSES = {"pixellm train --config CONFIG [section.field=value ...]", "pixellm 
 NEEDS_REAL_DATA = {
     "pixellm train --config pixellm_7b": "a converted LLaVA-7B base and the official datasets",
     "pixellm prepare-data --source refcoco": "tests/data/test_tfds.py prepares REFER fixtures (needs TensorFlow)",
+    "pixellm convert maverickrzw/PixelLM-7B": "the released 7B and CLIP from the Hugging Face hub (network); "
+                                              "tests/convert/test_hub_ids.py converts tiny ones from a hub cache",
 }
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pixellm_jax.config import load_config
+from pixellm_jax.mesh import make_mesh
 from pixellm_jax.train.checkpoint import Checkpointer
-from pixellm_jax.train.mesh import make_mesh
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.state import state_layout
 from tests.train.conftest import SMALL

@@ -7,7 +7,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pixellm_jax.config import MeshConfig, load_config
 from pixellm_jax.describe import random_batch
-from pixellm_jax.train.mesh import batch_groups, batch_shardings, global_batch, make_mesh
+from pixellm_jax.mesh import make_mesh
+from pixellm_jax.train.mesh import batch_groups, batch_shardings, global_batch
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.state import init_state, state_layout
 from pixellm_jax.train.step import loss_and_grads, make_train_step

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from pixellm_jax.config import ConfigError, MeshConfig, load_config
-from pixellm_jax.train.mesh import make_mesh
+from pixellm_jax.mesh import make_mesh
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.state import state_layout
 from tests.train.conftest import SMALL
