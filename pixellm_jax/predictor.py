@@ -6,12 +6,17 @@
     result = predictor.predict("photo.jpg", "Segment the red circle.")
     result.answer        # "It is [1] ." -- target k is marked "[k]"
     result.masks         # [k, H, W] bool, at the image's original size
+    again = predictor.predict("photo.jpg", "And the square?",
+                              history=[("Segment the red circle.", result.raw_answer)])
     stages = predictor.intermediates("photo.jpg", "Segment the red circle.", "It is [SEG] .")
 
 `predict` / `predict_many` run exactly what `pixellm predict` runs (same batching, generation and
-post-processing), so their answers and masks are the command's. `intermediates` runs the
-teacher-forced forward on a question and a given answer (`[SEG]` marks each target) and returns every
-stage's output (`pixellm_jax.intermediates.Intermediates`) as NumPy arrays, for parity work and probes.
+post-processing), so their answers and masks are the command's; `history` holds the earlier
+(question, answer) turns about the image for a multi-turn conversation (`pixellm chat`), the first
+question without "<image>" and each answer as generated (`Prediction.raw_answer`). `intermediates`
+runs the teacher-forced forward on a question and a given answer (`[SEG]` marks each target) and
+returns every stage's output (`pixellm_jax.intermediates.Intermediates`) as NumPy arrays, for parity
+work and probes.
 Images may be file paths, PIL images or [H, W, 3] uint8 arrays.
 """
 
@@ -63,18 +68,23 @@ class Predictor:
         (e.g. `model.dtype=float32`); keyword arguments as `Predictor(...)`."""
         return cls(load_for_inference(directory, overrides), **kwargs)
 
-    def predict_many(self, images: Sequence[ImageInput], question: str, *, seed: int = 0) -> list[Prediction]:
-        """One prediction per image, in order; an unusable image raises UnusableImage naming it."""
+    def predict_many(self, images: Sequence[ImageInput], question: str, *, seed: int = 0,
+                     history: Sequence[tuple[str, str]] = ()) -> list[Prediction]:
+        """One prediction per image, in order; an unusable image raises UnusableImage naming it.
+        `history`: earlier (question, answer) turns asked of every image (module docstring)."""
         skipped: list[tuple[Path, str]] = []
         out = list(predict(self.runner, self.loaded.legacy, self._decode, images, question, self.shape,
-                           self.sampling, seed, on_skip=lambda path, reason: skipped.append((path, reason))))
+                           self.sampling, seed, on_skip=lambda path, reason: skipped.append((path, reason)),
+                           history=history))
         if skipped:
             raise UnusableImage("; ".join(_named(path, reason) for path, reason in skipped))
         return out
 
-    def predict(self, image: ImageInput, question: str, *, seed: int = 0) -> Prediction:
-        """The generated answer (targets marked "[k]") and its masks [k, H, W] at the original size."""
-        return self.predict_many([image], question, seed=seed)[0]
+    def predict(self, image: ImageInput, question: str, *, seed: int = 0,
+                history: Sequence[tuple[str, str]] = ()) -> Prediction:
+        """The generated answer (targets marked "[k]"; `raw_answer` as generated) and its masks [k, H, W]
+        at the original size; after the earlier turns of `history` when given (module docstring)."""
+        return self.predict_many([image], question, seed=seed, history=history)[0]
 
     def intermediates(self, image: ImageInput, question: str, answer: str) -> Intermediates:
         """Every stage of the teacher-forced forward on one image, `question` and `answer`, as NumPy.

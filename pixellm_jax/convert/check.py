@@ -136,7 +136,7 @@ def canonical_state(plan: Plan, params: dict[str, np.ndarray]) -> tuple[dict, se
         for layer in layers:
             x = np.asarray(value[layer] if layer is not None else value, np.float32)
             key = rule.source_key(values, layer)
-            state[key] = torch.from_numpy(np.ascontiguousarray(x if permute is None else permute.inverse(x)))
+            state[key] = torch.from_numpy(np.array(x if permute is None else permute.inverse(x)))
             from_checkpoint.add(key)
     return state, from_checkpoint
 

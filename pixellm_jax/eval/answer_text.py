@@ -21,6 +21,13 @@ def _tidy(pieces: list[str]) -> str:
     return _SPACE_BEFORE_PUNCT.sub(r"\1", text)
 
 
+def raw_answer(decode: Callable[[list[int]], str], tokens: Sequence[int], eos_id: int) -> str:
+    """The generated ids up to end-of-sequence, decoded as they are (codebook tokens included): the text
+    a later turn's history feeds back, which `LegacyTokenizer` turns into the same codebook ids."""
+    ids = [int(t) for t in tokens]
+    return decode(ids[: ids.index(eos_id)] if eos_id in ids else ids)
+
+
 def numbered_answer(
     decode: Callable[[list[int]], str], tokens: Sequence[int], seg_ids: Sequence[int], group: int, eos_id: int
 ) -> tuple[str, int]:

@@ -1,7 +1,8 @@
 """Prediction on image files: the answer with its targets numbered, a colour overlay, one PNG per mask.
 
 For each image the question is asked in the official chat format ("<image>\\n{question}", reference
-§9), the answer generated in batches with the KV-cache generator, and written as
+§9; after the finished turns of a `history`, see `chat_prompt`), the answer generated in batches with
+the KV-cache generator, and written as
   <stem>_overlay.png   the image with target k tinted in colour k (50 %), its number at the mask,
                        and a legend of numbers and colours in the top-left corner;
   <stem>_mask_<k>.png  target k as a 0/255 greyscale mask;
@@ -22,7 +23,7 @@ from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_generation
 from pixellm_jax.data.dataset_io import image_to_rgb, load_image
 from pixellm_jax.data.sample import IMAGE_PLACEHOLDER, BadSample
 from pixellm_jax.errors import UserError, writing
-from pixellm_jax.eval.answer_text import numbered_answer
+from pixellm_jax.eval.answer_text import numbered_answer, raw_answer
 from pixellm_jax.eval.batches import BatchShape, EvalItem, pack
 from pixellm_jax.eval.generate import SamplingConfig
 from pixellm_jax.eval.runner import BatchRunner, sampling_key
@@ -45,6 +46,28 @@ class Prediction(NamedTuple):
     image: np.ndarray  # [H, W, 3] uint8
     answer: str  # with "[k]" markers
     masks: np.ndarray  # [k, H, W] bool
+    raw_answer: str = ""  # as generated, codebook tokens included (what a next turn's history feeds back)
+
+
+class BadQuestion(UserError, ValueError):
+    """A question or history turn that writes "<image>" itself (the prompt places the image)."""
+
+
+def chat_prompt(
+    tok: LegacyTokenizer, question: str, history: Sequence[tuple[str, str]] = (), use_im_start_end: bool = True
+) -> np.ndarray:
+    """Generation prompt ids for `question` after the finished (question, answer) turns of `history` about
+    the same image (llava_v1, multi-turn): "<image>\\n" goes before the first question only, the
+    history's first when there is one; answers are fed back as generated (`Prediction.raw_answer`)."""
+    texts = [question, *(t for turn in history for t in turn)]
+    if any(IMAGE_PLACEHOLDER in t for t in texts):
+        raise BadQuestion(f"questions and answers must not contain {IMAGE_PLACEHOLDER}: the prompt places the image")
+    turns = [(str(q), str(a)) for q, a in history]
+    if turns:
+        turns[0] = (f"{IMAGE_PLACEHOLDER}\n{turns[0][0]}", turns[0][1])
+    else:
+        question = f"{IMAGE_PLACEHOLDER}\n{question}"
+    return tokenize_generation(tok, question, turns, use_im_start_end=use_im_start_end)
 
 
 def image_files(path: str | Path) -> list[Path]:
@@ -91,11 +114,13 @@ def predict(
     sampling: SamplingConfig,
     seed: int = 0,
     on_skip: Callable[[Path, str], None] = lambda path, reason: None,
+    history: Sequence[tuple[str, str]] = (),
 ) -> Iterator[Prediction]:
     """Answers and masks for each image (file, PIL image or array), batched; an unusable image is
-    passed to `on_skip` with the reason and left out."""
+    passed to `on_skip` with the reason and left out. `history`: earlier (question, answer) turns about
+    each image, answers as generated (`chat_prompt`); only this answer's codebook tokens give masks."""
     head = runner.cfg.head
-    prompt = tokenize_generation(tok, f"{IMAGE_PLACEHOLDER}\n{question}", use_im_start_end=shape.use_im_start_end)
+    prompt = chat_prompt(tok, question, history, shape.use_im_start_end)
 
     images: dict[int, np.ndarray] = {}
     paths: dict[int, Path] = {}
@@ -114,12 +139,14 @@ def predict(
     for step, batch in enumerate(pack(stream(), shape, tok.pad_id)):
         out = runner.generate(batch, sampling, tok.eos_id, tok.pad_id, sampling_key(seed, step))
         for j, item in batch.placed():
-            answer, _ = numbered_answer(decode, out["tokens"][j, : out["lengths"][j]],
-                                        head.seg_ids(runner.cfg.text.vocab_size), head.num_seg_tokens, tok.eos_id)
+            tokens = out["tokens"][j, : out["lengths"][j]]
+            answer, _ = numbered_answer(decode, tokens, head.seg_ids(runner.cfg.text.vocab_size),
+                                        head.num_seg_tokens, tok.eos_id)
             n = int(min(out["num_targets"][j], head.max_targets))
             h, w = item.gt.shape[1:]
             image = images.pop(item.sample_index)
-            yield Prediction(paths.pop(item.sample_index), image, answer, out["mask_logits"][j, :n, :h, :w] > 0)
+            yield Prediction(paths.pop(item.sample_index), image, answer, out["mask_logits"][j, :n, :h, :w] > 0,
+                             raw_answer(decode, tokens, tok.eos_id))
 
 
 def overlay(image: np.ndarray, masks: np.ndarray) -> Image.Image:

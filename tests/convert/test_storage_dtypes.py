@@ -97,9 +97,16 @@ def test_llava_hf_fp16_source_round_trips_in_fp16(tmp_path):
     from tests.convert.test_llava_hf import LLAVA_SEMANTICS
 
     spec = prepare_import("llava-hf", src, base="tiny", overrides=[*LLAVA_SEMANTICS, *LIKE_7B])
-    ckpt = convert_checkpoint(spec, tmp_path / "ckpt").output
+    conversion = convert_checkpoint(spec, tmp_path / "ckpt")
+    ckpt = conversion.output
     params = model_params(load_pretrained(ckpt).model)
     assert params["vision_tower/embeddings/position_embedding"].dtype == jnp.float16
+    # --check on a base without a pixel head: the head comes from the checkpoint, and says so
+    from pixellm_jax.convert.check import check_conversion
+
+    report = check_conversion(ckpt, conversion.plan)
+    assert report.passed and report.exact == len(conversion.plan.loads), str(report)
+    assert "initialised by the conversion" in str(report)
     export_llava_hf(ckpt, tmp_path / "hf")
     source, exported = CheckpointReader(src), CheckpointReader(tmp_path / "hf")
     for key in source.keys():

@@ -1,6 +1,8 @@
-"""The README is the contract: every `pixellm` command it shows is run here as written, from a fresh
-working directory with relative paths (training shortened by overrides appended to it), or is listed
-in `NEEDS_REAL_DATA` with the reason. A command added to the README without an entry here fails.
+"""The README and docs/ are the contract: every `pixellm` command they show is run here as written,
+from a fresh working directory with relative paths (training shortened by overrides appended to it),
+in the order README.md, docs/TRAINING.md, docs/DATA.md, docs/CONVERSION.md, docs/EVALUATION.md, then
+any other doc, or is listed in `NEEDS_REAL_DATA` / `RUN_ELSEWHERE` with the reason. A command added to
+them without an entry here fails.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from tests.data.test_refer import write_refer
 from tests.muse_layout import write_muse_layout
 from tests.train.conftest import SMALL
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+FIRST_DOCS = ("TRAINING.md", "DATA.md", "CONVERSION.md", "EVALUATION.md")
 SHORT_TRAIN = [*SMALL, "train.steps=2", "train.eval_every=2", "train.eval_batches=1", "train.save_every=2",
                "train.overlays=1"]
 SHORT_INFERENCE = ["--max-new-tokens", "16", "--images-per-batch", "2", "--rows-per-batch", "2"]
@@ -34,11 +38,32 @@ NEEDS_REAL_DATA = {
                                               "tests/convert/test_hub_ids.py converts tiny ones from a hub cache",
 }
 
+# Interactive commands: each is started as written (paths substituted) by its own test.
+RUN_ELSEWHERE = {
+    "pixellm serve": "tests/test_serve.py starts it on a tiny checkpoint and drives it in headless Chromium",
+    "pixellm chat": "tests/test_chat.py runs it on a tiny checkpoint with questions on stdin",
+}
+
+
+def documents() -> list[Path]:
+    """README.md, then the docs in the order their commands depend on each other."""
+    rest = sorted(p for p in (ROOT / "docs").glob("*.md") if p.name not in FIRST_DOCS)
+    return [README, *(ROOT / "docs" / name for name in FIRST_DOCS), *rest]
+
 
 def readme_commands() -> list[str]:
-    """Every `pixellm ...` command of the README: lines of its bash blocks (with continuations and
-    without comments) and inline code spans that pass options."""
-    text = README.read_text()
+    """Every `pixellm ...` command of the README and docs/, each once: lines of their bash blocks (with
+    continuations and without comments) and inline code spans that pass options."""
+    commands: list[str] = []
+    for path in documents():
+        for command in document_commands(path.read_text()):
+            if command not in commands:
+                commands.append(command)
+    return commands
+
+
+def document_commands(text: str) -> list[str]:
+    """The `pixellm ...` commands of one Markdown text."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -108,7 +133,7 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, compile_cac
     monkeypatch.chdir(cwd)
     ran = []
     for command in commands:
-        if any(command.startswith(prefix) for prefix in NEEDS_REAL_DATA):
+        if any(command.startswith(prefix) for prefix in (*NEEDS_REAL_DATA, *RUN_ELSEWHERE)):
             continue
         argv = shlex.split(command)
         code = cli_main(argv[1:] + _extra(argv))
