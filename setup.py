@@ -24,7 +24,9 @@ CORE = [
 ]
 TORCH = ["torch>=2.4"]  # conversion, export and parity references
 DATA = ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "importlib_resources", "pycocotools>=2.0.7"]
-DEV = TORCH + [
+SERVE = ["gradio>=6"]  # `pixellm serve`: the web demo
+DEV = TORCH + SERVE + [
+    "selenium>=4.11",  # tests/test_serve.py drives the demo in headless Chromium (the system's chromedriver)
     "pytest>=8",
     "pytest-xdist>=3.5",
     "pytest-timeout>=2.3",  # a hung test fails with its stack instead of stalling CI
@@ -43,6 +45,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pixellm_jax", "pixellm_jax.*"]),
     install_requires=CORE,
-    extras_require={"torch": TORCH, "data": DATA, "dev": DEV},
+    extras_require={"torch": TORCH, "data": DATA, "serve": SERVE, "dev": DEV},
     entry_points={"console_scripts": ["pixellm=pixellm_jax.cli:main"]},
 )

@@ -89,10 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", required=True, help="an image file or a folder of images")
     p.add_argument("--question", required=True)
 
+    p = sub.add_parser("chat", help="talk about images in the terminal (multi-turn); write overlays and masks")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (params/, config.yaml, tokenizer/)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides of the checkpoint's config")
+    p.add_argument("--out", required=True, help="folder for each answer's overlay and masks")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (official)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--canvas-step", type=int, default=128, help="masks are computed on canvases rounded to this")
+
     from pixellm_jax.convert.commands import add_convert_parser, add_export_parser
 
     add_convert_parser(sub)
     add_export_parser(sub)
+
+    from pixellm_jax.serve import add_serve_parser
+
+    add_serve_parser(sub)
 
     p = sub.add_parser("train", help="train (or resume) a run: sharded, checkpointed, preemption-safe")
     _add_config_args(p)
@@ -149,10 +163,18 @@ def main(argv: list[str] | None = None) -> int:
 
             run = commands.eval_command if args.command == "eval" else commands.predict_command
             run(args, commands.load(args))
+        elif args.command == "chat":
+            from pixellm_jax.chat import chat_command
+
+            return chat_command(args)
         elif args.command in ("convert", "export"):
             from pixellm_jax.convert import commands
 
             return commands.run_convert(args) if args.command == "convert" else commands.run_export(args)
+        elif args.command == "serve":
+            from pixellm_jax.serve import serve
+
+            return serve(args)
         elif args.command == "prepare-data":
             from pixellm_jax.data.tfds_prepare import prepare_command
 
