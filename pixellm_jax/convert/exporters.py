@@ -197,15 +197,17 @@ def write_shards(
 
 
 def _load(
-    checkpoint: str | Path | Pretrained, merge: bool, notes: list[str]
+    checkpoint: str | Path | Pretrained, merge: bool, notes: list[str], dtype: str = "keep"
 ) -> tuple[Pretrained, dict[str, np.ndarray]]:
-    """The checkpoint's model (LoRA merged when asked) and its parameters as host arrays."""
+    """The checkpoint's model (LoRA merged when asked, in the export's explicit `dtype` if it names
+    one, else in each kernel's storage dtype as the official merge does) and its parameters as host
+    arrays."""
     pre = checkpoint if isinstance(checkpoint, Pretrained) else load_pretrained(checkpoint)
     from flax import nnx
 
     has_lora = bool(nnx.to_flat_state(nnx.state(pre.model, LoRAParam)))
     if has_lora and merge:
-        merge_lora(pre.model)
+        merge_lora(pre.model, DTYPES.get(dtype))
         notes.append("LoRA merged into the base weights (W + alpha/r * A B)")
     elif has_lora:
         notes.append("LoRA not merged: the export holds the base weights only (export the adapter with --to peft)")
@@ -299,7 +301,7 @@ def export_pixellm(
     if dtype not in DTYPE_POLICIES:
         raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_POLICIES)}")
     notes: list[str] = []
-    pre, params = _load(checkpoint, merge, notes)
+    pre, params = _load(checkpoint, merge, notes, dtype)
     cfg = pre.config
 
     def drop(path: str) -> str | None:
@@ -381,7 +383,7 @@ def export_llava_hf(
     if dtype not in DTYPE_POLICIES or dtype == "official":
         raise ConversionError(f"dtype {dtype!r}: use keep, float32, bfloat16 or float16 for llava-hf")
     notes: list[str] = []
-    pre, params = _load(checkpoint, merge, notes)
+    pre, params = _load(checkpoint, merge, notes, dtype)
     cfg = pre.config
     v, p = cfg.model.vision, cfg.model.projector
     if p.hidden_mult != 1:

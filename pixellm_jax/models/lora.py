@@ -93,12 +93,12 @@ class LoRALinear(nnx.Module):
         b = self.lora_b[...].astype(jnp.float32)
         return jnp.matmul(a, b) * self.scaling
 
-    def merge(self) -> None:
-        """W <- W + s A B (computed in float32, stored in the kernel's dtype)."""
+    def merge(self, dtype=None) -> None:
+        """W <- W + s A B (computed in float32, stored in `dtype`, default the kernel's dtype)."""
         if self.merged:
             raise ValueError("LoRALinear.merge: the adapter is already merged")
         w = self.kernel[...]
-        self.kernel[...] = (w.astype(jnp.float32) + self.delta()).astype(w.dtype)
+        self.kernel.set_value((w.astype(jnp.float32) + self.delta()).astype(dtype or w.dtype))
         self.merged = True
 
     def unmerge(self) -> None:
@@ -110,11 +110,13 @@ class LoRALinear(nnx.Module):
         self.merged = False
 
 
-def merge_lora(model: nnx.Module) -> None:
-    """Merge every unmerged `LoRALinear` adapter of `model` into its kernel (eagerly, in place)."""
+def merge_lora(model: nnx.Module, dtype=None) -> None:
+    """Merge every unmerged `LoRALinear` adapter of `model` into its kernel (eagerly, in place), the
+    merged kernels stored in `dtype` (default: each kernel's own; an fp32 export of a bf16-stored
+    model merges in fp32, so it equals the unmerged model's computation)."""
     for _, module in nnx.iter_modules(model):
         if isinstance(module, LoRALinear) and not module.merged:
-            module.merge()
+            module.merge(dtype)
 
 
 def unmerge_lora(model: nnx.Module) -> None:

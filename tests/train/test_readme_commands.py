@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pixellm_jax.cli import main as cli_main
@@ -124,6 +125,7 @@ def _check_outputs(cwd: Path) -> None:
     assert (cwd / "out" / "llava-hf").is_dir() and (cwd / "out" / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.heavy  # ~5 min on 2 cores: run in CI after the default suite
 def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, compile_cache):
     commands = readme_commands()
     assert len(commands) >= 15, commands
