@@ -16,7 +16,7 @@ from pixellm_jax.chat import chat, conversation_stem
 from pixellm_jax.data.conversation import tokenize_generation
 from pixellm_jax.eval.loading import legacy_tokenizer
 from pixellm_jax.eval.predict import BadQuestion, chat_prompt
-from tests.eval.tiny import chain_answers, random_model, save_checkpoint, tiny_config, tiny_tokenizer
+from tests.eval.tiny import tiny_config, tiny_tokenizer, sure_seg_checkpoint
 
 OVERRIDES = ["data.token_buckets=[257]"]
 MAX_NEW = 12
@@ -36,13 +36,7 @@ def env(tmp_path_factory, tok):
     from pixellm_jax.predictor import Predictor
 
     tmp = tmp_path_factory.mktemp("chat")
-    hf, seg, legacy = tok
-    cfg = tiny_config(hf, seg)
-    model = random_model(cfg, seed=3)
-    answer = legacy.encode_chunk("Sure, [SEG].")
-    colon = int(tokenize_generation(legacy, "<image>\nx")[-1])
-    chain_answers(model, dict(zip([colon, *answer], [*answer, legacy.eos_id])))
-    save_checkpoint(model, cfg, hf, tmp / "ckpt")
+    *_, answer = sure_seg_checkpoint(tmp)  # the tokenizer `tok` builds the same way
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (37, 52, 3), dtype=np.uint8)).save(tmp / "photo.png")
     Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(tmp / "second.png")

@@ -6,10 +6,8 @@ import pytest
 from PIL import Image
 
 from pixellm_jax.cli import main
-from pixellm_jax.data.conversation import tokenize_generation
-from pixellm_jax.eval.loading import legacy_tokenizer
 from pixellm_jax.predictor import Predictor, UnusableImage
-from tests.eval.tiny import chain_answers, random_model, save_checkpoint, tiny_config, tiny_tokenizer
+from tests.eval.tiny import sure_seg_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +21,7 @@ def env(tmp_path_factory):
     from pixellm_jax.eval.generate import SamplingConfig
 
     tmp = tmp_path_factory.mktemp("predictor")
-    hf, seg = tiny_tokenizer(tmp / "tok")
-    cfg = tiny_config(hf, seg)
-    legacy = legacy_tokenizer(hf, cfg)
-    model = random_model(cfg, seed=3)
-    answer = legacy.encode_chunk("Sure, [SEG].")
-    colon = int(tokenize_generation(legacy, "<image>\nx")[-1])
-    chain_answers(model, dict(zip([colon, *answer], [*answer, legacy.eos_id])))
-    save_checkpoint(model, cfg, hf, tmp / "ckpt")
+    sure_seg_checkpoint(tmp)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (37, 52, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp / "photo.png")
@@ -97,12 +88,12 @@ def test_intermediates_are_the_model_forward(env):
 
 
 def test_readme_example_runs(env, capsys):
-    """The README's Prediction example, on the tiny checkpoint and image (paths substituted)."""
+    """The README's Predict example, on the tiny checkpoint and image (paths substituted)."""
     import re
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Prediction"):]
+    section = readme[readme.index("## Predict\n"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "Predictor.from_checkpoint" in code
     code = code.replace('"runs/demo/model"', repr(str(env["tmp"] / "ckpt")) + ", " + repr(OVERRIDES))

@@ -45,18 +45,9 @@ def _free_port() -> int:
 
 def _make_checkpoint(tmp: Path) -> None:
     """A tiny checkpoint that always answers "Sure, [SEG]." (as tests/test_predictor.py builds it)."""
-    from pixellm_jax.data.conversation import tokenize_generation
-    from pixellm_jax.eval.loading import legacy_tokenizer
-    from tests.eval.tiny import chain_answers, random_model, save_checkpoint, tiny_config, tiny_tokenizer
+    from tests.eval.tiny import sure_seg_checkpoint
 
-    hf, seg = tiny_tokenizer(tmp / "tok")
-    cfg = tiny_config(hf, seg)
-    legacy = legacy_tokenizer(hf, cfg)
-    model = random_model(cfg, seed=3)
-    answer = legacy.encode_chunk("Sure, [SEG].")
-    colon = int(tokenize_generation(legacy, "<image>\nx")[-1])
-    chain_answers(model, dict(zip([colon, *answer], [*answer, legacy.eos_id])))
-    save_checkpoint(model, cfg, hf, tmp / "ckpt")
+    sure_seg_checkpoint(tmp)
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,20 @@ from flax import nnx
 from PIL import Image
 
 from pixellm_jax.cli import main
-from pixellm_jax.data.conversation import tokenize_generation, tokenize_training
+from pixellm_jax.data.conversation import tokenize_training
 from pixellm_jax.data.refer import ReferSource
 from pixellm_jax.data.synthetic import SyntheticShapes
 from pixellm_jax.data.transforms import preprocess_image
 from pixellm_jax.eval.batches import BatchShape, eval_batches
 from pixellm_jax.eval.evaluate import EvalSettings, Split, evaluate_split
 from pixellm_jax.eval.generate import SamplingConfig
-from pixellm_jax.eval.loading import legacy_tokenizer, load_for_inference
+from pixellm_jax.eval.loading import load_for_inference
 from pixellm_jax.eval.metrics import official_iou
 from pixellm_jax.eval.runner import BatchRunner, data_mesh
 from pixellm_jax.eval.teacher_forced import teacher_forced_outputs
 from pixellm_jax.postprocess import postprocess_masks
 from tests.data.test_refer import write_refer
-from tests.eval.tiny import chain_answers, random_model, save_checkpoint, tiny_config, tiny_tokenizer
+from tests.eval.tiny import sure_seg_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +41,9 @@ BUCKET = 257
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    hf, seg = tiny_tokenizer(tmp / "tok")
-    cfg = tiny_config(hf, seg)
-    legacy = legacy_tokenizer(hf, cfg)
-    model = random_model(cfg, seed=3)
     # greedy answers are "Sure, [SEG0] ... [SEG5]." then </s>, whatever the question
-    answer = legacy.encode_chunk("Sure, [SEG].")
-    colon = int(tokenize_generation(legacy, "<image>\nx")[-1])
-    chain_answers(model, dict(zip([colon, *answer], [*answer, legacy.eos_id])))
+    model, cfg, hf, legacy, answer = sure_seg_checkpoint(tmp)
     answer_length = len(answer) + 1
-    save_checkpoint(model, cfg, hf, tmp / "ckpt")
     refer = write_refer(tmp / "refer")
     splits = [f"refer=refer:root={refer},dataset=refcoco,split=train",
               f"multi=refer:root={refer},dataset=refcoco,split=train,mode=val_multi",

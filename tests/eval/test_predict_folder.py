@@ -8,10 +8,9 @@ import pytest
 from PIL import Image
 
 from pixellm_jax.cli import main
-from pixellm_jax.data.conversation import tokenize_generation
 from pixellm_jax.eval import commands
-from pixellm_jax.eval.loading import legacy_tokenizer, load_for_inference
-from tests.eval.tiny import chain_answers, random_model, save_checkpoint, tiny_config, tiny_tokenizer
+from pixellm_jax.eval.loading import load_for_inference
+from tests.eval.tiny import sure_seg_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +22,7 @@ BUCKET = 257
 def env(tmp_path_factory):
     """A tiny checkpoint that always answers "Sure, [SEG].", loaded once."""
     tmp = tmp_path_factory.mktemp("predict")
-    hf, seg = tiny_tokenizer(tmp / "tok")
-    cfg = tiny_config(hf, seg)
-    legacy = legacy_tokenizer(hf, cfg)
-    model = random_model(cfg, seed=3)
-    answer = legacy.encode_chunk("Sure, [SEG].")
-    colon = int(tokenize_generation(legacy, "<image>\nx")[-1])
-    chain_answers(model, dict(zip([colon, *answer], [*answer, legacy.eos_id])))
-    save_checkpoint(model, cfg, hf, tmp / "ckpt")
+    sure_seg_checkpoint(tmp)
     return SimpleNamespace(tmp=tmp, loaded=load_for_inference(tmp / "ckpt", [f"data.token_buckets=[{BUCKET}]"]))
 
 

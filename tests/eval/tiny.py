@@ -72,3 +72,20 @@ def save_checkpoint(model, cfg, hf, directory) -> None:
     with staged_output(directory) as stage:
         write_checkpoint(stage, params, cfg, report={}, write_tokenizer=hf.save_pretrained)
 
+
+
+def sure_seg_checkpoint(directory, seed: int = 3):
+    """A tiny checkpoint at `directory/ckpt` whose greedy answer to any question is "Sure, [SEG]."
+    (the six codebook tokens of one target) then </s>; returns (model, cfg, hf, legacy, answer ids)."""
+    from pixellm_jax.data.conversation import tokenize_generation
+    from pixellm_jax.eval.loading import legacy_tokenizer
+
+    hf, seg = tiny_tokenizer(directory / "tok")
+    cfg = tiny_config(hf, seg)
+    legacy = legacy_tokenizer(hf, cfg)
+    model = random_model(cfg, seed=seed)
+    answer = legacy.encode_chunk("Sure, [SEG].")
+    colon = int(tokenize_generation(legacy, "<image>\nx")[-1])
+    chain_answers(model, dict(zip([colon, *answer], [*answer, legacy.eos_id])))
+    save_checkpoint(model, cfg, hf, directory / "ckpt")
+    return model, cfg, hf, legacy, answer

@@ -8,6 +8,8 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 def load_tool(name: str):
+    if str(TOOLS) not in sys.path:  # the tools import their shared helpers (benchlib) as scripts do
+        sys.path.insert(0, str(TOOLS))
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
