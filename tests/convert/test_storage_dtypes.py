@@ -134,3 +134,20 @@ def test_check_passes_on_the_default_and_fails_on_bf16_storage(release, capsys):
     assert "check: FAILED" in captured.out and "rounded: " in captured.out
     assert "CLIP features (level 0): " in captured.out and "--check failed" in captured.err
     print(captured.out)
+
+
+def test_original_llava_and_clip_are_stored_exactly(tmp_path):
+    """Original LLaVA (fp16 LLM, fp32 projector) + OpenAI CLIP (fp32): every loaded tensor is stored
+    byte for byte in its own dtype (the layout has no exporter of its own; llava-hf is its export)."""
+    from pixellm_jax.convert.check import CheckReport, check_stored
+
+    src, _ = fx.write_llava(tmp_path / "llava", "mlp2x_gelu")
+    clip = fx.write_clip(tmp_path / "clip")
+    spec = prepare_import("llava", src, clip=clip, base="tiny", overrides=["model.projector.hidden_mult=1", *LIKE_7B])
+    conversion = convert_checkpoint(spec, tmp_path / "ckpt")
+    params = {k: np.asarray(v) for k, v in model_params(load_pretrained(conversion.output).model).items()}
+    assert params["llm/layers/self_attn/q_proj/kernel"].dtype == np.float16
+    assert params["mm_projector/linear_1/kernel"].dtype == np.float32
+    report = CheckReport()
+    check_stored(params, conversion.plan, report)
+    assert report.exact == len(conversion.plan.loads) and not report.rounded and not report.differ
