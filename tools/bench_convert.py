@@ -8,8 +8,9 @@ cache before each run:
 * a plain sequential read of the same files (the reference),
 * the streamed conversion: every source tensor read, transposed and cast into its file-backed
   parameter buffer, as `convert_checkpoint` does before writing (the issue's throughput target);
-  these two alternate `--repeats` times and their medians are compared, because a cold read's rate
-  varies from run to run (on a VM the host may serve "evicted" pages from its own cache), and
+  these two alternate `--repeats` times and their medians are compared (with the spread and the
+  per-round paired ratios, `tools/benchlib.py`), because a cold read's rate varies from run to run
+  (on a VM the host may serve "evicted" pages from its own cache), and
 * the whole conversion (`convert_checkpoint`: plan, streamed fill, Orbax write of the output).
 The one-off XLA compilation of the initialisers is done first and reported separately.
 
@@ -17,9 +18,11 @@ Peak memory is RssAnon (anonymous memory; file-backed pages of memory-mapped che
 reclaimable and not counted), sampled every 5 ms, above the level before the conversion. Targets
 (issue 4): peak <= 1.5 x largest tensor + 0.5 GB, throughput >= 0.5 x the plain read.
 
-    python tools/bench_convert.py [--size-gb 2] [--hidden 2048] [--repeats 3] [--dir /tmp] [--keep]
+    python tools/bench_convert.py [--size-gb 2] [--hidden 2048] [--repeats 3] [--threads N] [--dir /tmp] [--keep]
 
-Prints a table and one JSON line.
+Both sides run in this process on the same `--threads` CPUs. The load average before and after is
+in the JSON line, with a warning when the machine was not idle at the start. Prints a table and one
+JSON line.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from pathlib import Path
 import jax
 import ml_dtypes
 import numpy as np
+
+import benchlib  # tools/benchlib.py (the script's directory is on sys.path)
 
 from pixellm_jax.config import from_dict, load_config, to_dict
 from pixellm_jax.convert.checkpoint import target_specs
@@ -195,7 +200,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dir", default=None, help="where to put the temporary files (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--repeats", type=int, default=3, help="plain read / streamed conversion pairs (medians)")
+    parser.add_argument("--threads", type=int, default=None, help="CPUs this process uses (default: all it may)")
     args = parser.parse_args(argv)
+    pinned = benchlib.pin_threads(args.threads)
+    load = benchlib.LoadRecord()
+    load.warn()
 
     h = args.hidden
     inter = int(h * 2.6875) // 64 * 64
@@ -255,10 +264,11 @@ def main(argv=None) -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
+    load.finish()
     extra = max(peak.peak - base, stream_peak)
     budget = 1.5 * largest + 0.5e9
     ratio = read_s / stream_s
-    load = os.getloadavg()[0]
+    paired = benchlib.ratio(stream_times, read_times)  # stream time / read time = read rate / stream rate
     rows = [
         ("checkpoint", f"{total / 1e9:.2f} GB in {len(files)} files ({layers} LLaMA layers, hidden {h}), "
                        f"generated in {generated:.0f} s"),
@@ -267,12 +277,14 @@ def main(argv=None) -> int:
                                   f"{_rates(total, read_times)} MB/s)"),
         ("streamed conversion", f"{stream_s:.2f} s = {total / stream_s / 1e6:.0f} MB/s (median of "
                                 f"{_rates(total, stream_times)} MB/s; read, transpose, cast into file-backed buffers)"),
-        ("throughput ratio", f"{ratio:.2f} of the plain read (target >= 0.5)"),
+        ("throughput ratio", f"{ratio:.2f} of the plain read (target >= 0.5; paired rounds "
+                             f"{1 / paired['paired_max']:.2f}-{1 / paired['paired_min']:.2f})"),
         ("whole conversion", f"{convert_s:.2f} s = {total / convert_s / 1e6:.0f} MB/s (+ Orbax write of "
                              f"{out_bytes / 1e9:.2f} GB; initialiser compile {compile_s:.1f} s before, not counted)"),
         ("peak RssAnon", f"{extra / 1e6:.0f} MB above the start = {extra / largest:.2f} x largest tensor "
                          f"(target <= {budget / 1e6:.0f} MB)"),
-        ("machine", f"{os.cpu_count()} CPUs, load average {load:.1f}"),
+        ("machine", f"{os.cpu_count()} CPUs ({pinned['threads']} used), load average {load.before:.2f} before, "
+                    f"{load.after:.2f} after" + ("" if load.idle else " (NOT idle at the start)")),
     ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
@@ -285,8 +297,14 @@ def main(argv=None) -> int:
         "convert_mb_s": round(total / convert_s / 1e6, 1), "throughput_ratio": round(ratio, 3),
         "peak_rss_anon_extra_bytes": extra, "peak_budget_bytes": int(budget),
         "meets_memory_target": extra <= budget, "meets_throughput_target": ratio >= 0.5,
-        "init_compile_s": round(compile_s, 2), "cpus": os.cpu_count(), "load_average": round(load, 1),
+        "read_seconds": benchlib.summary(read_times), "stream_seconds": benchlib.summary(stream_times),
+        "paired_throughput_ratios": {"min": round(1 / paired["paired_max"], 3),
+                                     "median": round(1 / paired["paired_median"], 3),
+                                     "max": round(1 / paired["paired_min"], 3)},
+        "init_compile_s": round(compile_s, 2), "cpus": os.cpu_count(), "pinned": pinned,
+        "load_average": round(load.before, 2), **load.as_dict(),
     }))
+    load.warn()
     return 0
 
 

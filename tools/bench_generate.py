@@ -4,6 +4,7 @@ Four ways of producing the same greedy tokens for one batch of prompts, all on t
 fp32, from the same weights:
   ours, LLM        `eval.generate.generate_tokens` jitted on precomputed image features: prefill +
                    a `while_loop` of KV-cached steps — the same work as transformers below;
+                   jitted as `pixellm eval` runs it (`jax.jit` of the model state, split once);
   transformers     `LlamaForCausalLM.generate(use_cache=True)` with our LLM's weights copied in and our
                    spliced prompt embeddings (`inputs_embeds`): the LLM alone, no CLIP, no masks;
   ours, full       `eval.generate.generate` jitted: CLIP + projectors + prefill + cached steps + the
@@ -11,13 +12,20 @@ fp32, from the same weights:
   recompute        `eval.recompute.generate_by_recomputation`: the official approach, the full
                    forward (CLIP included) over the whole sequence for every new token.
 The speedups are transformers / ours-LLM and recompute / ours-full.
+
+Fair under noise (`tools/benchlib.py`): both libraries are pinned to the same CPUs and thread
+count (`--threads`, default all: the affinity mask sizes XLA's pool, `torch.set_num_threads` torch's);
+after one untimed warm-up call each (compilation, reported as `first_call_s`) the systems run
+interleaved, `--repeats` timed calls each (recomputation `--recompute-repeats`), and medians are
+compared, with the spread and the per-round paired ratios beside them; the load average before and
+after is in the JSON line, with a warning when the machine was not idle at the start.
 End-of-sequence is disabled so every row produces exactly --new-tokens tokens; tokens/s counts
-batch x new tokens over the wall time of one call after a warm-up call (so compilation is excluded
-and reported separately). The token sequences of the three are compared. Prints a table and one
-JSON line.
+batch x new tokens over the median wall time of one call. The token sequences of the systems are
+compared. Prints a table and one JSON line.
 
   python tools/bench_generate.py                       # 8 x (64 image + 48 text) prompts, 64 new tokens
-  python tools/bench_generate.py --batch 4 --new-tokens 128 --layers 12 --hidden 768 --no-scan-layers
+  python tools/bench_generate.py --layers 12 --hidden 768 --batch 32 --recompute-repeats 0
+  python tools/bench_generate.py --threads 1 --repeats 9
 """
 
 from __future__ import annotations
@@ -27,11 +35,12 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import benchlib  # noqa: E402  (tools/benchlib.py: the script's directory is on sys.path)
 
 
 OURS_LLM = "ours, LLM only (KV cache, jit)"
@@ -40,8 +49,8 @@ OURS_FULL = "ours, full (+ CLIP + masks)"
 RECOMPUTE = "full recomputation (official, + CLIP)"
 
 
-def bench_config(args):
-    """A small but LLaMA-shaped PixelLM (fp32, no LoRA) derived from configs/tiny.yaml."""
+def bench_config(args, extra: tuple[str, ...] | list[str] = ()):
+    """A small but LLaMA-shaped PixelLM (fp32, no LoRA) derived from configs/tiny.yaml (`extra`: more overrides)."""
     from pixellm_jax.config import load_config
     from pixellm_jax.eval.loading import inference_config
 
@@ -55,7 +64,7 @@ def bench_config(args):
         f"model.text.num_heads={heads}", f"model.text.num_kv_heads={heads}",
         "model.text.max_position_embeddings=4096", "model.lora.enabled=false",
         "model.head.out_dim=64", "model.head.decoder_heads=4", "model.head.decoder_mlp_dim=256",
-        f"model.text.scan_layers={str(args.scan_layers).lower()}",
+        f"model.text.scan_layers={str(args.scan_layers).lower()}", *extra,
     ]
     return inference_config(load_config("tiny", overrides))
 
@@ -94,20 +103,7 @@ def to_transformers(llm, cfg):
     return hf
 
 
-def timed(fn, repeats: int):
-    """(first call seconds, best of `repeats` later calls, last result)."""
-    start = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return first, best, out
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=48, help="text tokens per prompt (plus 64 image tokens)")
@@ -115,11 +111,19 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32009)
-    ap.add_argument("--repeats", type=int, default=2)
+    benchlib.add_arguments(ap, repeats=5)
+    ap.add_argument("--recompute-repeats", type=int, default=3, help="timed recomputation runs (0: skip it)")
+    ap.add_argument("--skip-recompute", action="store_true", help="same as --recompute-repeats 0")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="seconds of sleep before each timed call (default none: on this VM an idle pause "
+                         "lowers the clocks, and a short call then pays for the ramp-up: 0.5 s made ours ~25%% slower)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
-                    help="run the LLM layers with nnx.scan (model.text.scan_layers; same parameters either way)")
-    ap.add_argument("--skip-recompute", action="store_true")
-    args = ap.parse_args()
+                    help="model.text.scan_layers (same parameters either way; generation runs the layers one "
+                         "by one over pre-sliced weights whatever it says, so it only matters to the baselines)")
+    args = ap.parse_args(argv)
+    pinned = benchlib.pin_threads(args.threads)  # before the first JAX computation
+    load = benchlib.LoadRecord()
+    load.warn()
 
     import jax
     import jax.numpy as jnp
@@ -147,9 +151,7 @@ def main() -> None:
     conv = np.arange(b, dtype=np.int32)
     inputs = [jnp.asarray(x) for x in (pixels, resized, ids, mask, conv)]
     no_eos = dict(eos_id=-1, pad_id=0)
-
     sampling = SamplingConfig(max_new_tokens=n)
-    rows = {}
 
     @nnx.jit
     def features(model, pixels, resized, ids, mask, conv):
@@ -159,12 +161,15 @@ def main() -> None:
         return images, spliced.embeds
 
     images, prompt = jax.block_until_ready(features(model, *inputs))
-    llm_fn = nnx.jit(generate_tokens, static_argnames=("eos_id", "pad_id", "sampling"))
-    first, best, out = timed(lambda: jax.block_until_ready(
-        llm_fn(model, images, inputs[2], inputs[3], inputs[4], sampling=sampling, **no_eos)), args.repeats)
-    ours_tokens = np.asarray(out.tokens)
-    rows[OURS_LLM] = (first, best)
+    # As `eval.runner.BatchRunner` runs them: jax.jit of the model's state, split once (an nnx.jit
+    # call walks the model's graph and copies every weight on each call).
+    graphdef, state = nnx.split(model)
 
+    def jitted(fn):
+        return jax.jit(lambda state, *a, **kw: fn(nnx.merge(graphdef, state), *a, **kw),
+                       static_argnames=("eos_id", "pad_id", "sampling"))
+
+    llm_fn, full_fn = jitted(generate_tokens), jitted(generate)
     hf = to_transformers(model.llm, cfg)
     prompt = torch.from_numpy(np.array(prompt))
 
@@ -174,47 +179,63 @@ def main() -> None:
                                max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
                                eos_token_id=None, pad_token_id=0)
 
-    first, best, hf_out = timed(transformers_generate, args.repeats)
-    rows[HF] = (first, best)
-    hf_tokens = hf_out[:, -n:].numpy()
+    systems = {
+        OURS_LLM: lambda: jax.block_until_ready(
+            llm_fn(state, images, inputs[2], inputs[3], inputs[4], sampling=sampling, **no_eos)),
+        HF: transformers_generate,
+        OURS_FULL: lambda: jax.block_until_ready(full_fn(state, *inputs, sampling=sampling, **no_eos)),
+        # (its final masks come back asynchronously: wait for them, or they would run into the next system)
+        RECOMPUTE: lambda: jax.block_until_ready(generate_by_recomputation(model, *inputs, max_new_tokens=n, **no_eos)),
+    }
+    recompute_repeats = 0 if args.skip_recompute else args.recompute_repeats
+    repeats = {OURS_LLM: args.repeats, HF: args.repeats, OURS_FULL: args.repeats, RECOMPUTE: recompute_repeats}
+    run = benchlib.interleave(systems, repeats, pause=args.pause)
+    load.finish()
 
-    full_fn = nnx.jit(generate, static_argnames=("eos_id", "pad_id", "sampling"))
-    first, best, out = timed(lambda: jax.block_until_ready(full_fn(model, *inputs, sampling=sampling, **no_eos)),
-                             args.repeats)
-    full_tokens = np.asarray(out.tokens)
-    rows[OURS_FULL] = (first, best)
-
-    recompute_tokens = None
-    if not args.skip_recompute:
-        first, best, rec = timed(lambda: generate_by_recomputation(model, *inputs, max_new_tokens=n, **no_eos), 1)
-        recompute_tokens = np.asarray(rec.tokens)
-        rows[RECOMPUTE] = (first, best)
+    ours_tokens = np.asarray(run.results[OURS_LLM].tokens)
+    hf_tokens = run.results[HF][:, -n:].numpy()
+    full_tokens = np.asarray(run.results[OURS_FULL].tokens)
+    recompute_tokens = np.asarray(run.results[RECOMPUTE].tokens) if recompute_repeats else None
 
     total = b * n
     print(f"batch {b}, prompt {t} text + {cfg.model.projector.llm_grid ** 2} image tokens, {n} new tokens; "
           f"LLM {args.layers}x{args.hidden} ({'scanned' if args.scan_layers else 'looped'} layers), vocab {args.vocab}; "
-          f"fp32 on {platform.processor() or platform.machine()} "
-          f"({os.cpu_count()} cores)")
-    print(f"{'system':<44}{'first call s':>14}{'best s':>10}{'tokens/s':>12}")
+          f"fp32 on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+          f"{pinned['threads']} threads each (CPUs {pinned['cpus']}, torch {pinned['torch_threads']})")
+    print(f"{'system':<44}{'first call s':>14}{'median s':>10}{'min s':>8}{'max s':>8}{'runs':>6}{'tokens/s':>10}")
     result = {}
-    for name, (first, best) in rows.items():
-        print(f"{name:<44}{first:>14.2f}{best:>10.3f}{total / best:>12.1f}")
-        result[name] = {"first_call_s": round(first, 3), "best_s": round(best, 4), "tokens_per_s": round(total / best, 1)}
-    vs_hf = rows[HF][1] / rows[OURS_LLM][1]
-    vs_rec = None if recompute_tokens is None else rows[RECOMPUTE][1] / rows[OURS_FULL][1]
-    equal = {"transformers": float((hf_tokens == ours_tokens).mean()), "ours_full": float((full_tokens == ours_tokens).mean()),
+    for name, times in run.times.items():
+        if not times:
+            continue
+        st = benchlib.summary(times)
+        print(f"{name:<44}{run.first_call[name]:>14.2f}{st['median']:>10.3f}{st['min']:>8.3f}{st['max']:>8.3f}"
+              f"{st['n']:>6}{total / st['median']:>10.1f}")
+        result[name] = {"first_call_s": round(run.first_call[name], 3), "seconds": st,
+                        "tokens_per_s": round(total / st["median"], 1)}
+    vs_hf = benchlib.ratio(run.times[HF], run.times[OURS_LLM])
+    vs_rec = benchlib.ratio(run.times[RECOMPUTE], run.times[OURS_FULL]) if recompute_repeats else None
+    equal = {"transformers": float((hf_tokens == ours_tokens).mean()),
+             "ours_full": float((full_tokens == ours_tokens).mean()),
              "recompute": None if recompute_tokens is None else float((recompute_tokens == ours_tokens).mean())}
-    print(f"speedup: {vs_hf:.2f}x vs transformers (LLM only), "
-          + (f"{vs_rec:.2f}x vs full recomputation (with CLIP and masks)" if vs_rec else "recomputation skipped"))
+    print(f"speedup vs transformers (LLM only): {vs_hf['median_ratio']:.2f}x "
+          f"(paired rounds {vs_hf['paired_min']:.2f}-{vs_hf['paired_max']:.2f}x)"
+          + (f"; vs full recomputation (with CLIP and masks): {vs_rec['median_ratio']:.1f}x" if vs_rec else
+             "; recomputation skipped"))
     print(f"fraction of greedy tokens equal to ours: {equal}")
-    print(json.dumps({
+    print(f"load average {load.before:.2f} before, {load.after:.2f} after"
+          + ("" if load.idle else f" (NOT idle: above {benchlib.IDLE_LOAD} at the start)"))
+    load.warn()
+    report = {
         "bench": "generate", "batch": b, "prompt_tokens": t + cfg.model.projector.llm_grid ** 2 - 1, "new_tokens": n,
         "llm_layers": args.layers, "llm_hidden": args.hidden, "vocab": args.vocab, "scan_layers": args.scan_layers,
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "pinned": pinned, **load.as_dict(),
         "jax": jax.__version__, "torch": torch.__version__, "systems": result,
-        "speedup_vs_transformers": round(vs_hf, 2), "speedup_vs_recompute": None if vs_rec is None else round(vs_rec, 2),
+        "speedup_vs_transformers": vs_hf["median_ratio"], "vs_transformers": vs_hf,
+        "speedup_vs_recompute": None if vs_rec is None else vs_rec["median_ratio"], "vs_recompute": vs_rec,
         "tokens_equal": equal,
-    }))
+    }
+    print(json.dumps(report))
+    return report
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ weights, neck, prompt encoder):
 
 The PyTorch model is built first and its weights are copied into ours, so both start from the same
 parameters and their first-step losses must agree (printed). Steps of the two are interleaved, so
-load from other processes hits both alike; the medians are compared (ratio = PyTorch / ours).
+load from other processes hits both alike; the medians are compared (ratio = PyTorch / ours), with
+the spread and the per-step paired ratios beside them. Both run on the same `--threads` CPUs (the
+affinity mask sizes XLA's pool, `torch.set_num_threads` PyTorch's; `tools/benchlib.py`), and the load
+average before and after is in the JSON line, with a warning when the machine was not idle.
 
 MFU = model FLOPs / step time / peak. Model FLOPs are XLA's cost analysis of the compiled step
 (no rematerialisation in this config, so nothing is counted twice); the analytic estimate of
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -44,6 +46,7 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import benchlib  # noqa: E402  (tools/benchlib.py)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -548,13 +551,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-torch", action="store_true", help="time our step only")
     parser.add_argument("--torch-device", default="cpu", help="where the PyTorch reference runs (cpu, cuda)")
     parser.add_argument("--profile", metavar="DIR", help="trace one more step of ours into DIR; print time by op kind")
+    parser.add_argument("--threads", type=int, default=None, help="CPUs (and threads) for both sides (default: all)")
     args = parser.parse_args(argv)
+    pinned = benchlib.pin_threads(args.threads)  # before the first JAX computation
+    load = benchlib.LoadRecord()
+    load.warn()
 
     cfg = bench_config(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, vocab=args.vocab,
                        vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
                        image_size=args.image_size, max_targets=args.targets)
     batch = make_batch(cfg, args.images, args.convs_per_image, args.text_len)
-    cores = len(os.sched_getaffinity(0))
+    cores = pinned["threads"]
     torch_threads = None
     if args.no_torch:
         model = build_pixellm(cfg.model, cfg.seed)
@@ -587,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
             torch_times.append(time.perf_counter() - start)
         if i:
             peaks.sample()
+    load.finish()
     profile = op_times(runner, args.profile) if args.profile else None
     peak = statistics.median(peaks.jax_rates)
     torch_peak = statistics.median(peaks.torch_rates) if peaks.torch_rates else None
@@ -615,7 +623,9 @@ def main(argv: list[str] | None = None) -> None:
     if torch_s is not None:
         print(f"{'PyTorch eager':<26}{torch_s:>16.3f}{min(torch_times[1:]):>8.3f}{torch_losses[0]:>12.6f}"
               f"{runner.flops / torch_s / 1e9:>10.1f}{runner.flops / torch_s / peak:>7.1%}")
-        print(f"speed-up (PyTorch / ours): {torch_s / jax_s:.2f}x (target >= 1.5x); "
+        paired = benchlib.ratio(torch_times[1:], jax_times[1:])
+        print(f"speed-up (PyTorch / ours): {torch_s / jax_s:.2f}x (target >= 1.5x; paired steps "
+              f"{paired['paired_min']:.2f}-{paired['paired_max']:.2f}x); "
               f"|loss difference| at step 0: {abs(jax_losses[0] - torch_losses[0]):.2e}")
     print(f"MFU (ours): {mfu:.1%} of the measured jnp.dot peak (target >= 60%)"
           + ("" if torch_peak is None else f"; {runner.flops / jax_s / max(peak, torch_peak):.1%} of the faster of "
@@ -639,6 +649,10 @@ def main(argv: list[str] | None = None) -> None:
         "jax_step_s": jax_s, "jax_step_times": jax_times[1:],
         "torch_step_s": torch_s, "torch_step_times": torch_times[1:],
         "ratio": None if torch_s is None else torch_s / jax_s,
+        "jax_seconds": benchlib.summary(jax_times[1:]),
+        "torch_seconds": benchlib.summary(torch_times[1:]) if torch_s is not None else None,
+        "paired_ratio": benchlib.ratio(torch_times[1:], jax_times[1:]) if torch_s is not None else None,
+        "pinned": pinned, **load.as_dict(),
         "loss_step0": {"jax": jax_losses[0], "torch": torch_losses[0] if torch_losses else None},
         "model_flops": runner.flops, "analytic_flops": analytic,
         "peak_flops": peak, "peak_samples": peaks.jax_rates, "torch_peak_flops": torch_peak,
@@ -647,6 +661,8 @@ def main(argv: list[str] | None = None) -> None:
         "targets": {"ratio": 1.5, "mfu": 0.6},
         "profile": profile[:12] if profile else None,
     }))
+    print(f"load average {load.before:.2f} before, {load.after:.2f} after")
+    load.warn()
 
 
 if __name__ == "__main__":

@@ -62,10 +62,27 @@ class GenerateOutput(NamedTuple):
     seg: SegGather  # targets per row (valid, num_targets, malformed, overflow)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """`argmax(logits, -1)` as int32, ties and NaNs included (the first maximum, else the first NaN).
+
+    XLA:CPU's argmax is a (value, index) reduction it does not vectorise: over [8, 32k] logits it
+    costs as much as a third of the vocabulary projection. A max, then the smallest index holding it
+    (as float32, exact below 2^24), are two plain reductions and give the same index.
+    """
+    v = logits.shape[-1]
+    if v >= 1 << 24:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if the row has one (max propagates NaNs)
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jnp.where(hit, jnp.arange(v, dtype=jnp.float32), jnp.inf)
+    return jnp.min(index, axis=-1).astype(jnp.int32)
+
+
+@jax.named_scope("sampling")
 def select_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
     """Next token per row from logits [Q, V]: argmax, or a temperature / top-p sample."""
     if sampling.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     logits = logits.astype(jnp.float32) / sampling.temperature
     if sampling.top_p < 1.0:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
@@ -112,8 +129,13 @@ def generate_tokens(
         take_in_groups(images.llm_tokens, conv_image, image_groups),
         take_in_groups(images.llm_mask, conv_image, image_groups),
     )
-    cache = llm.init_cache(q, t + n_img - 1 + max_new)
-    prefill = llm(input_embeds=spliced.embeds, attention_mask=spliced.attention_mask, cache=cache)
+    # One cache buffer and one set of weights per layer, sliced once here and used by the prefill and
+    # every decode step: no layer scan slicing weights and caches (and restacking the cache) per token,
+    # each step writes its cache slot in place (see models/llama.py).
+    layers = llm.unstacked_layers()
+    cache = llm.init_cache(q, t + n_img - 1 + max_new, unstacked=True)
+    prefill = llm(input_embeds=spliced.embeds, attention_mask=spliced.attention_mask, cache=cache, layers=layers,
+                  prefill=True)  # the prompt attends within itself, not over the max_new empty slots
     lengths = prompt_lengths(attention_mask, n_img)
     rows = jnp.arange(q)
     # Only the last real position's logits are needed; the full-sequence logits are dead code under jit.
@@ -122,9 +144,9 @@ def generate_tokens(
 
     tokens = jnp.full((q, max_new), pad_id, jnp.int32).at[:, 0].set(tok0)
     hidden = jnp.zeros((q, max_new, h0.shape[-1]), h0.dtype).at[:, 0].set(h0)
-    # The LLM's state rides in the loop carry (unchanged), so the body merges a module whose values
-    # belong to the body's trace: `nnx.scan` over the layers refuses values captured from outside.
-    graphdef, state = nnx.split(llm)
+    # The LLM's state rides in the loop carry (unchanged; XLA aliases it, nothing is copied) and the
+    # body merges modules whose values belong to the body's trace.
+    graphdef, state = nnx.split((llm, layers))
 
     def cond(carry):
         step, _, _, _, done, _ = carry
@@ -132,9 +154,9 @@ def generate_tokens(
 
     def body(carry):
         step, cache, tokens, hidden, done, state = carry
-        step_llm = nnx.merge(graphdef, state)
+        step_llm, step_layers = nnx.merge(graphdef, state)
         prev = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1, keepdims=True)
-        out = step_llm(prev, jnp.ones((q, 1), bool), (lengths + step - 1)[:, None], cache)
+        out = step_llm(prev, jnp.ones((q, 1), bool), (lengths + step - 1)[:, None], cache, layers=step_layers)
         h = out.hidden[:, 0]
         tok = select_tokens(out.logits[:, 0], jax.random.fold_in(key, step), sampling)
         tok = jnp.where(done, pad_id, tok)

@@ -11,24 +11,32 @@ It exists to check the KV-cache generator token for token and as the benchmark b
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from pixellm_jax.eval.generate import GenerateOutput
+from pixellm_jax.eval.runner import StaticGraph
 from pixellm_jax.models.pixellm import PixelLM
 
 
-@nnx.jit
-def _next_tokens(model: PixelLM, pixels, resized_hw, ids, mask, conv_image, last):
+# jax.jit of (graph definition, state), split once per call of `generate_by_recomputation`: an
+# `nnx.jit` step would walk the model's graph and copy every weight on each of the max_new calls.
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _next_tokens(graphdef: StaticGraph, state, pixels, resized_hw, ids, mask, conv_image, last):
     """Argmax after position `last` [Q] of the spliced sequence, recomputing everything."""
+    model: PixelLM = graphdef.merge(state)
     images = model.encode_images(pixels, resized_hw)
     _, out = model.language(images, ids, mask, conv_image)
     return jnp.argmax(out.logits[jnp.arange(ids.shape[0]), last], axis=-1).astype(jnp.int32)
 
 
-@nnx.jit
-def _final_masks(model: PixelLM, pixels, resized_hw, ids, mask, conv_image):
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _final_masks(graphdef: StaticGraph, state, pixels, resized_hw, ids, mask, conv_image):
+    model: PixelLM = graphdef.merge(state)
     images = model.encode_images(pixels, resized_hw)
     spliced, out = model.language(images, ids, mask, conv_image)
     return model.decode_masks(images, out.hidden, spliced.token_ids, conv_image)
@@ -56,9 +64,11 @@ def generate_by_recomputation(
     mask[:, :t] = attention_mask
     tokens = np.full((q, max_new_tokens), pad_id, np.int32)
     done = np.zeros(q, bool)
+    graphdef, state = nnx.split(model)
+    graphdef = StaticGraph(graphdef)
     for step in range(max_new_tokens):
         last = text_len + step + n_img - 2  # spliced index of each row's last token
-        nxt = np.asarray(_next_tokens(model, pixels, resized_hw, jnp.asarray(ids), jnp.asarray(mask),
+        nxt = np.asarray(_next_tokens(graphdef, state, pixels, resized_hw, jnp.asarray(ids), jnp.asarray(mask),
                                       conv_image, jnp.asarray(last)))
         nxt = np.where(done, pad_id, nxt)
         tokens[:, step] = nxt
@@ -70,5 +80,5 @@ def generate_by_recomputation(
             break
     is_eos = tokens == eos_id
     lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, max_new_tokens).astype(np.int32)
-    masks, seg = _final_masks(model, pixels, resized_hw, jnp.asarray(ids), jnp.asarray(mask), conv_image)
+    masks, seg = _final_masks(graphdef, state, pixels, resized_hw, jnp.asarray(ids), jnp.asarray(mask), conv_image)
     return GenerateOutput(jnp.asarray(tokens), jnp.asarray(lengths), masks, seg)

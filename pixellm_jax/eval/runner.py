@@ -10,6 +10,11 @@ features on its own device: the steps get the global block count, `groups` × pr
 
 Programs are compiled once per batch shape: (rows, T, out_hw) for the teacher-forced forward, plus
 the sampling settings for generation.
+
+The steps are plain `jax.jit` functions of the model's graph definition (static) and its state, split
+once when the runner is made: an `nnx.jit` call would walk the model's graph on every batch (tens of
+ms for a PixelLM) and, returning every variable as an updated output, copy all the weights on every
+call (a full copy of a 7B model per batch).
 """
 
 from __future__ import annotations
@@ -34,6 +39,25 @@ from pixellm_jax.tokens import IMAGE_TOKEN
 ROWS = PartitionSpec("data")
 
 
+class StaticGraph:
+    """A model's `nnx.GraphDef` as a static `jax.jit` argument: hashed by its repr (computed once; the
+    graph holds the model's config, whose list fields make the GraphDef itself unhashable) and
+    compared by value, so equal models share compiled programs."""
+
+    def __init__(self, graphdef: nnx.GraphDef):
+        self.graphdef = graphdef
+        self._hash = hash(repr(graphdef))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StaticGraph) and (self is other or self.graphdef == other.graphdef)
+
+    def merge(self, state: nnx.State):
+        return nnx.merge(self.graphdef, state)
+
+
 def data_mesh(devices=None) -> Mesh:
     """A 1-D mesh named `data` over `devices` (default: all devices of all processes)."""
     return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
@@ -43,14 +67,18 @@ def _rows(tree: dict, mesh: Mesh) -> dict:
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, ROWS)), tree)
 
 
-@functools.partial(nnx.jit, static_argnames=("out_hw", "mesh", "image_groups"))
-def _teacher_forced_step(model: PixelLM, arrays: dict, out_hw: tuple[int, int], mesh: Mesh, image_groups: int) -> dict:
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_hw", "mesh", "image_groups"))
+def _teacher_forced_step(graphdef: StaticGraph, state: nnx.State, arrays: dict, out_hw: tuple[int, int], mesh: Mesh,
+                         image_groups: int) -> dict:
+    model: PixelLM = graphdef.merge(state)
     return _rows(teacher_forced_outputs(model, arrays, out_hw, image_groups), mesh)
 
 
-@functools.partial(nnx.jit, static_argnames=("out_hw", "sampling", "eos_id", "pad_id", "mesh", "image_groups"))
-def _generate_step(model: PixelLM, arrays: dict, key: jax.Array, out_hw: tuple[int, int], sampling: SamplingConfig,
-                   eos_id: int, pad_id: int, mesh: Mesh, image_groups: int) -> dict:
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_hw", "sampling", "eos_id", "pad_id", "mesh",
+                                             "image_groups"))
+def _generate_step(graphdef: StaticGraph, state: nnx.State, arrays: dict, key: jax.Array, out_hw: tuple[int, int],
+                   sampling: SamplingConfig, eos_id: int, pad_id: int, mesh: Mesh, image_groups: int) -> dict:
+    model: PixelLM = graphdef.merge(state)
     out = generate(model, arrays["pixels"], arrays["resized_hw"], arrays["input_ids"], arrays["attention_mask"],
                    arrays["conv_image"], eos_id=eos_id, pad_id=pad_id, sampling=sampling, key=key,
                    image_groups=image_groups)
@@ -68,8 +96,8 @@ def _generate_step(model: PixelLM, arrays: dict, key: jax.Array, out_hw: tuple[i
 class BatchRunner:
     """A replicated copy of a model on a data mesh, with jitted teacher-forced and generation steps.
 
-    The steps are module-level `nnx.jit` functions, so runners of equally shaped models share their
-    compiled programs.
+    The steps are module-level `jax.jit` functions of (graph definition, state), so runners of
+    equally shaped models share their compiled programs.
     """
 
     def __init__(self, model: PixelLM, mesh: Mesh | None = None):
@@ -78,7 +106,9 @@ class BatchRunner:
             raise ValueError(f"evaluation needs a 1-D mesh with axis 'data', got axes {self.mesh.axis_names}")
         self.cfg = model.cfg
         graphdef, state = nnx.split(model)
-        self.model = nnx.merge(graphdef, jax.device_put(state, NamedSharding(self.mesh, PartitionSpec())))
+        self.graphdef = StaticGraph(graphdef)
+        self.state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+        self.model = self.graphdef.merge(self.state)
 
     @property
     def local_devices(self) -> int:
@@ -99,7 +129,7 @@ class BatchRunner:
     def teacher_forced(self, batch: EvalBatch) -> dict[str, np.ndarray]:
         """This process's rows of the teacher-forced outputs (mask_logits [rows, M, H, W], ...)."""
         with jax.set_mesh(self.mesh):  # the model's sharding constraints apply
-            out = _teacher_forced_step(self.model, self._global(batch.arrays), batch.out_hw, self.mesh,
+            out = _teacher_forced_step(self.graphdef, self.state, self._global(batch.arrays), batch.out_hw, self.mesh,
                                        batch.groups * jax.process_count())
         return self._local(out)
 
@@ -108,8 +138,8 @@ class BatchRunner:
         """This process's rows of the generation outputs (tokens, lengths, mask_logits, ...)."""
         key = jax.device_put(key, NamedSharding(self.mesh, PartitionSpec()))
         with jax.set_mesh(self.mesh):
-            out = _generate_step(self.model, self._global(batch.arrays), key, batch.out_hw, sampling, int(eos_id),
-                                 int(pad_id), self.mesh, batch.groups * jax.process_count())
+            out = _generate_step(self.graphdef, self.state, self._global(batch.arrays), key, batch.out_hw, sampling,
+                                 int(eos_id), int(pad_id), self.mesh, batch.groups * jax.process_count())
         return self._local(out)
 
 

@@ -11,18 +11,29 @@ Numerics follow HF: RMSNorm normalises in float32, casts back, then multiplies b
 is rotate-half with float32 `inv_freq`, angles and cos/sin, cast to the activation dtype; masks are
 boolean (causal AND key padding) so two large negative masks are never added.
 
-KV cache: `init_cache` gives a `KVCache` with keys/values [L, B, max_len, kv_heads, head_dim], the
-key-validity mask [B, max_len] (it carries the prompt's padding) and the next write slot `index`.
-Each call writes its T tokens at slots index..index+T-1 and attends causally in slot order, so a
-prefill over a padded prompt followed by single-token steps equals recomputing the whole sequence
-with the same attention mask and positions. Positions default to `index + arange(T)` (plain arange
-from 0 without a cache, as PixelLM uses even with padding); pass them explicitly for anything else.
-The caller keeps index + T <= max_len (writes past the end are clamped by XLA, not detected).
+KV cache: `init_cache` gives a `KVCache` with keys/values [L, B, kv_heads, max_len, head_dim]
+(heads-major: a decode step's attention reads each head's keys as one contiguous [max_len, head_dim]
+matrix, no transpose), the key-validity mask [B, max_len] (it carries the prompt's padding) and the
+next write slot `index`. Each call writes its T tokens at slots index..index+T-1 and attends causally
+in slot order, so a prefill over a padded prompt followed by single-token steps equals recomputing
+the whole sequence with the same attention mask and positions. Positions default to
+`index + arange(T)` (plain arange from 0 without a cache, as PixelLM uses even with padding); pass
+them explicitly for anything else. The caller keeps index + T <= max_len (writes past the end are
+clamped by XLA, not detected). `prefill=True` says the cache is empty: the T tokens are written to it
+but attend only among themselves (key padding + causal, as without a cache), not over all max_len
+slots, most of them still empty (with an answer budget of 512 tokens, several times the work).
+
+Decode loops: in a `while_loop` over steps, a stacked cache and stacked layer weights are sliced per
+layer per step (XLA:CPU copies each slice, and the scan restacks the cache: several full copies of
+the cache and of the layer weights per token). `unstack_cache` turns the cache into one buffer per
+layer and `unstacked_layers` the weights into one module per layer, both once before the loop; a
+call with an unstacked cache runs the layers as a Python loop over those modules, so each step
+writes its cache slot in place and reads the weights where they are.
 
 Attention runs through `models/attention.py` with the `attention` implementation. Without a cache
-it gets the key-padding mask plus `causal=True`; with a cache the queries sit at a traced offset,
-so it gets the dense causal-and-padding mask, and "pallas_tpu" (whose causal mask is static) is
-replaced by "xla" for those calls: the Pallas kernel serves the cache-free training forward.
+(and in a prefill) it gets the key-padding mask plus `causal=True`; with a cache the queries sit at
+a traced offset, so it gets the dense causal-and-padding mask, and "pallas_tpu" (whose causal mask
+is static) is replaced by "xla" for those calls: the Pallas kernel serves the cache-free forward.
 
 Run the model under NNX transforms (`nnx.jit`, `nnx.value_and_grad`, ...) or merge it inside the
 innermost JAX transform: `nnx.scan`/`nnx.remat` refuse Variables captured from an outer JAX trace.
@@ -52,12 +63,20 @@ _INIT = nnx.initializers.normal(0.02)  # HF LlamaPreTrainedModel: N(0, initializ
 
 
 class KVCache(NamedTuple):
-    """Decoding state: per-layer keys/values, which key slots are valid, and the next write slot."""
+    """Decoding state: per-layer keys/values, which key slots are valid, and the next write slot.
 
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    k / v are stacked arrays [layers, batch, kv_heads, max_len, head_dim] (`init_cache`), or tuples
+    of one [batch, kv_heads, max_len, head_dim] array per layer (`LlamaModel.unstack_cache`).
+    """
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     mask: jax.Array  # [batch, max_len] bool
     index: jax.Array  # [] int32
+
+    @property
+    def unstacked(self) -> bool:
+        return isinstance(self.k, (tuple, list))
 
 
 class LlamaOutput(NamedTuple):
@@ -74,6 +93,7 @@ class RMSNorm(nnx.Module):
         self.dtype = dtype
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), **axes_meta(("embed",)))
 
+    @jax.named_scope("rms_norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
@@ -155,23 +175,31 @@ class LlamaAttention(nnx.Module):
         causal: bool,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, H]; mask [B, 1, T or 1, S] bool, AND key <= query if `causal`; kv this layer's
-        cache slices [B, S, kv, d] or None."""
+        cache [B, kv, S, d] (keys, values) or None. With a cache, the new keys/values are written at
+        slot `index`; the queries attend over the whole cache, or (`causal`: a prefill) over the T
+        new keys only."""
         b, t, _ = x.shape
-        q = _apply(self.q_proj, x, deterministic).reshape(b, t, self.num_heads, self.head_dim)
-        k = _apply(self.k_proj, x, deterministic).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = _apply(self.v_proj, x, deterministic).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        with jax.named_scope("qkv_proj"):  # scopes name the ops in profiles (tools/profile_generate.py)
+            q = _apply(self.q_proj, x, deterministic).reshape(b, t, self.num_heads, self.head_dim)
+            k = _apply(self.k_proj, x, deterministic).reshape(b, t, self.num_kv_heads, self.head_dim)
+            v = _apply(self.v_proj, x, deterministic).reshape(b, t, self.num_kv_heads, self.head_dim)
+        with jax.named_scope("rope"):
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = constrain(q, _Q_AXES), constrain(k, _KV_AXES), constrain(v, _KV_AXES)
         if kv is not None:
-            k_cache, v_cache = kv
-            start = (0, index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            kv = (k_cache, v_cache)
-            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-        impl = "xla" if kv is not None and self.attention == "pallas_tpu" else self.attention
-        out = dot_product_attention(q, k, v, mask, causal=causal, impl=impl)
-        return _apply(self.o_proj, out.reshape(b, t, -1), deterministic), kv
+            with jax.named_scope("kv_cache_update"):
+                k_cache, v_cache = kv
+                start = (0, 0, index, 0)
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype).transpose(0, 2, 1, 3), start)
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype).transpose(0, 2, 1, 3), start)
+                kv = (k_cache, v_cache)
+            if not causal:  # [B, S, kv, d] views: XLA folds the transposes into the attention's dots
+                k, v = k_cache.transpose(0, 2, 1, 3).astype(q.dtype), v_cache.transpose(0, 2, 1, 3).astype(q.dtype)
+        impl = "xla" if not causal and self.attention == "pallas_tpu" else self.attention
+        with jax.named_scope("attention"):
+            out = dot_product_attention(q, k, v, mask, causal=causal, impl=impl)
+        with jax.named_scope("o_proj"):
+            return _apply(self.o_proj, out.reshape(b, t, -1), deterministic), kv
 
 
 class LlamaMLP(nnx.Module):
@@ -184,6 +212,7 @@ class LlamaMLP(nnx.Module):
         self.up_proj = _projection("up_proj", h, m, ("embed", "mlp"), lora, **kw)
         self.down_proj = _projection("down_proj", m, h, ("mlp", "embed"), lora, **kw)
 
+    @jax.named_scope("mlp")
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         gate = jax.nn.silu(_apply(self.gate_proj, x, deterministic))
         return _apply(self.down_proj, gate * _apply(self.up_proj, x, deterministic), deterministic)
@@ -257,15 +286,37 @@ class LlamaModel(nnx.Module):
         """Token embeddings [B, T, H] (the multimodal model splices image features into these)."""
         return self.embed_tokens(input_ids)
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        """An empty cache for `batch` sequences of up to `max_len` tokens (keys/values in `dtype`)."""
+    def init_cache(self, batch: int, max_len: int, dtype=None, unstacked: bool = False) -> KVCache:
+        """An empty cache for `batch` sequences of up to `max_len` tokens (keys/values in `dtype`);
+        `unstacked`: one buffer per layer (see `unstack_cache`)."""
         c = self.cfg
-        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
         dtype = dtype or self.dtype
-        return KVCache(
-            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-            mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
-        )
+        mask, index = jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32)
+        if unstacked:
+            shape = (batch, c.num_kv_heads, max_len, c.head_dim)
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+            return KVCache(k=k, v=v, mask=mask, index=index)
+        shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), mask=mask, index=index)
+
+    @staticmethod
+    def unstack_cache(cache: KVCache) -> KVCache:
+        """`cache` with one key and one value buffer per layer (copied once; see the module doc)."""
+        if cache.unstacked:
+            return cache
+        return cache._replace(k=tuple(cache.k), v=tuple(cache.v))
+
+    def unstacked_layers(self) -> tuple[LlamaDecoderLayer, ...]:
+        """The decoder layers as one module each, their parameters sliced out of the stack (copied).
+
+        Slice once, outside a decode loop, and pass them to every step (`layers=`); the modules
+        share nothing with `self.layers` (updating them does not update the model).
+        """
+        graphdef, state = nnx.split(self.layers)
+        with jax.named_scope("layer_slices"):
+            states = [jax.tree.map(lambda a: a[i], state) for i in range(self.cfg.num_layers)]
+        return tuple(nnx.merge(graphdef, s) for s in states)
 
     def __call__(
         self,
@@ -276,12 +327,16 @@ class LlamaModel(nnx.Module):
         *,
         input_embeds: jax.Array | None = None,
         deterministic: bool = True,
+        layers: tuple[LlamaDecoderLayer, ...] | None = None,
+        prefill: bool = False,
     ) -> LlamaOutput:
         """Logits and final hidden states for `input_ids` [B, T] or `input_embeds` [B, T, H].
 
         attention_mask [B, T] bool (True = real token, default all True); positions [B, T] or [T]
         (default `offset + arange(T)`, offset = cache index or 0); with `cache`, the new tokens are
-        appended to it and the updated cache is returned.
+        appended to it and the updated cache is returned. With an unstacked cache the layers run one
+        by one, from `layers` (`unstacked_layers()`, sliced once by the caller) or sliced here.
+        `prefill`: the cache is empty, the new tokens attend only among themselves (module doc).
         """
         if (input_ids is None) == (input_embeds is None):
             raise ValueError("LlamaModel: pass exactly one of input_ids and input_embeds")
@@ -298,11 +353,14 @@ class LlamaModel(nnx.Module):
         positions = jnp.broadcast_to(positions, (b, t))
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
 
-        if cache is None:
+        if cache is None or prefill:
             # Queries and keys are the same T slots: key padding plus the attention's causal flag.
+            mask, causal = attention_mask[:, None, None, :], True
             key_valid = attention_mask
             kv = None
-            mask, causal = key_valid[:, None, None, :], True
+            if cache is not None:  # written to the cache, which holds nothing else to attend to
+                key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+                kv = (cache.k, cache.v)
         else:
             key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
             kv = (cache.k, cache.v)
@@ -310,11 +368,30 @@ class LlamaModel(nnx.Module):
             in_order = jnp.arange(key_valid.shape[1])[None, :] <= query_slots[:, None]
             mask, causal = in_order[None, None] & key_valid[:, None, None, :], False
 
-        x, kv = self._run_layers(x, kv, cos, sin, mask, offset, deterministic, causal)
+        if cache is not None and cache.unstacked:
+            x, kv = self._run_unstacked(x, kv, layers, cos, sin, mask, offset, deterministic, causal)
+        else:
+            x, kv = self._run_layers(x, kv, cos, sin, mask, offset, deterministic, causal)
         hidden = self.norm(x)
-        logits = self.lm_head(hidden)
+        with jax.named_scope("lm_head"):
+            logits = self.lm_head(hidden)
         new_cache = None if cache is None else KVCache(kv[0], kv[1], key_valid, cache.index + t)
         return LlamaOutput(logits=logits, hidden=hidden, cache=new_cache)
+
+    def _run_unstacked(self, x, kv, layers, cos, sin, mask, index, deterministic: bool, causal: bool):
+        """The layers one by one over per-layer caches (no remat: this is the inference path)."""
+        if layers is None:
+            layers = self.unstacked_layers()
+        if len(layers) != self.cfg.num_layers or len(kv[0]) != self.cfg.num_layers:
+            raise ValueError(f"LlamaModel: {len(layers)} layers and {len(kv[0])} cache layers for a "
+                             f"{self.cfg.num_layers}-layer model")
+        ks, vs = [], []
+        for layer, k, v in zip(layers, *kv):
+            x, (k, v) = layer(constrain(x, HIDDEN_AXES), cos, sin, mask, (k, v), index, deterministic, causal)
+            x = constrain(x, HIDDEN_AXES)
+            ks.append(k)
+            vs.append(v)
+        return x, (tuple(ks), tuple(vs))
 
     def _run_layers(self, x, kv, cos, sin, mask, index, deterministic: bool, causal: bool):
         """All decoder layers, by `nnx.scan` or a Python loop over the stacked parameters."""
@@ -340,7 +417,9 @@ class LlamaModel(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         rng_states = []
         for i in range(self.cfg.num_layers):
-            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+            with jax.named_scope("layer_slices"):
+                layer_state = jax.tree.map(lambda a: a[i], state)
+            layer = nnx.merge(graphdef, layer_state)
             kv_i = None if kv is None else (kv[0][i], kv[1][i])
             x, kv_i = step(layer, x, kv_i, cos, sin, mask, index)
             if kv is not None:

@@ -115,3 +115,19 @@ def test_nucleus_sampling():
     np.testing.assert_array_equal(draws, np.asarray(select_tokens(logits, jax.random.key(0), top_half)))
     greedy = np.asarray(select_tokens(logits, jax.random.key(1), SamplingConfig(temperature=1.0, top_p=1e-6)))
     assert (greedy == 0).all()
+
+
+def test_greedy_tokens_equal_argmax_with_ties_and_nans():
+    from pixellm_jax.eval.generate import greedy_tokens
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 1000)).astype(np.float32)
+    logits[1, [3, 700]] = 9.0  # a tie: the first one
+    logits[2, [5, 600]] = np.nan  # NaNs: the first NaN
+    logits[3] = -np.inf
+    logits[4, 999] = np.inf
+    logits[5] = np.round(logits[5])  # many ties
+    expected = np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1))
+    assert expected[1] == 3 and expected[2] == 5 and expected[3] == 0 and expected[4] == 999
+    np.testing.assert_array_equal(np.asarray(jax.jit(greedy_tokens)(jnp.asarray(logits))), expected)
+    assert greedy_tokens(jnp.asarray(logits)).dtype == jnp.int32

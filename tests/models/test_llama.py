@@ -207,6 +207,50 @@ def test_cached_decoding_equals_full_recomputation(scan, explicit_positions):
     assert float(jnp.max(jnp.abs(step.logits - logits[:, prompt_len:prompt_len + 1]))) <= 1e-6
 
 
+@pytest.mark.parametrize("prefill", [False, True], ids=["prefill-over-cache", "prefill-within-prompt"])
+def test_unstacked_cache_decodes_as_the_stacked_one(prefill):
+    """Per-layer cache buffers and pre-sliced layers (the generation loop's layout) give the stacked
+    cache's logits and cache; `prefill=True` (the prompt attends within itself) changes nothing."""
+    cfg = dataclasses.replace(TINY, num_kv_heads=2, scan_layers=True)
+    model = LlamaModel(cfg, None, rngs=nnx.Rngs(0))
+    copy_hf_weights(model, hf_llama(cfg))
+    steps, max_len = 4, 16
+    prompt, prompt_mask = (jnp.asarray(a) for a in padded_batch(cfg, [6, 3], 6))
+    new = jnp.asarray(np.random.default_rng(7).integers(1, cfg.vocab_size, size=(2, steps)))
+    ones = jnp.ones((2, 1), bool)
+
+    @nnx.jit
+    def stacked(model):
+        out = model(prompt, prompt_mask, cache=model.init_cache(2, max_len))
+        logits = [out.logits]
+        for s in range(steps):
+            out = model(new[:, s:s + 1], ones, cache=out.cache)
+            logits.append(out.logits)
+        return jnp.concatenate(logits, axis=1), out.cache
+
+    @nnx.jit
+    def unstacked(model):
+        layers = model.unstacked_layers()
+        out = model(prompt, prompt_mask, cache=model.init_cache(2, max_len, unstacked=True), layers=layers,
+                    prefill=prefill)
+        logits = [out.logits]
+        for s in range(steps):
+            out = model(new[:, s:s + 1], ones, cache=out.cache, layers=layers)
+            logits.append(out.logits)
+        return jnp.concatenate(logits, axis=1), out.cache
+
+    ref_logits, ref_cache = stacked(model)
+    logits, cache = unstacked(model)
+    valid = np.concatenate([np.asarray(prompt_mask), np.ones((2, steps), bool)], axis=1)
+    assert max_diff_valid(logits, ref_logits, valid) <= 1e-5
+    assert cache.unstacked and len(cache.k) == cfg.num_layers and int(cache.index) == int(ref_cache.index)
+    np.testing.assert_array_equal(np.asarray(cache.mask), np.asarray(ref_cache.mask))
+    split = LlamaModel.unstack_cache(ref_cache)
+    for mine, ref in zip(cache.k + cache.v, split.k + split.v):
+        assert mine.shape == (2, cfg.num_kv_heads, max_len, cfg.head_dim)
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(ref), atol=1e-5)
+
+
 def test_rejects_bad_inputs():
     model = LlamaModel(TINY, None, rngs=nnx.Rngs(0))
     ids = jnp.ones((2, 3), jnp.int32)

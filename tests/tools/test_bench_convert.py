@@ -19,3 +19,7 @@ def test_bench_convert_reports_medians_of_alternating_runs(tmp_path, capsys):
     assert 0 < report["throughput_ratio"] and report["peak_rss_anon_extra_bytes"] > 0
     assert report["peak_budget_bytes"] == int(1.5 * report["largest_tensor_bytes"] + 0.5e9)
     assert list(tmp_path.iterdir()) == []  # the generated checkpoint is removed without --keep
+    assert report["read_seconds"]["n"] == report["stream_seconds"]["n"] == 2
+    ratios = report["paired_throughput_ratios"]
+    assert ratios["min"] <= ratios["median"] <= ratios["max"]
+    assert {"load_before", "load_after", "idle", "pinned"} <= set(report)
