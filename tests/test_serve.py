@@ -30,6 +30,7 @@ pytest.importorskip("selenium", reason="the browser test needs selenium (pip ins
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -169,8 +170,19 @@ def test_unreadable_image_is_reported(server, browser):
     _open(browser, server["url"])
     browser.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(server["tmp"] / "broken.png"))
     _ask(browser, "Where is it?")
-    toast = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".toast-body"))
-    assert "Unreadable image: broken.png" in toast[0].text
+    # textContent, not .text: a toast still fading in is "not displayed" and its .text is empty.
+    def toasts(d):
+        return " | ".join(e.get_attribute("textContent") or "" for e in d.find_elements(By.CSS_SELECTOR, ".toast-body"))
+
+    def unreadable_toast(d):
+        text = toasts(d)
+        return text if "Unreadable image" in text else None
+
+    try:
+        shown = WebDriverWait(browser, 30).until(unreadable_toast)
+    except TimeoutException:
+        pytest.fail(f"no 'Unreadable image' message; toasts shown: {toasts(browser)!r}")
+    assert "Unreadable image: broken.png" in shown
 
 
 def test_ctrl_c_stops_the_server(server):
