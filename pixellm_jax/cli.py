@@ -131,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", action="append", help="a split to prepare (repeatable; default: all of the dataset's)")
     p.add_argument("--split-by", help="REFER partition (default: umd for refcocog, unc otherwise)")
     p.add_argument("--image-dir", help="image folder when not in the official place under --root")
-    p.add_argument("--num-samples", type=int, default=10000, help="synthetic: scenes per split")
+    p.add_argument("--num-samples", type=int, nargs="+", default=[10000],
+                   help="synthetic: scenes per split (one count, or with --layout muse one per --split)")
     p.add_argument("--seed", type=int, default=0, help="synthetic: seed of the first split (the next: +1, ...)")
+    p.add_argument("--layout", choices=["tfds", "muse"], default="tfds",
+                   help="synthetic: tfds (ArrayRecord records) or muse (MUSE-layout JSON + PNG images under --out, "
+                        "reasoning questions in muse_<split>.json, referring ones in refer_<split>.json)")
     p.add_argument("--on-bad-sample", choices=["skip", "raise"], default="skip",
                    help="skip (and list in the metadata) or stop at an unusable record")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
@@ -176,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(args)
         elif args.command == "prepare-data":
+            if args.layout == "muse":
+                if args.source != "synthetic":
+                    parser.error("--layout muse writes the synthetic dataset only (--source synthetic)")
+                from pixellm_jax.data.synthetic_layout import prepare_synthetic_command
+
+                return prepare_synthetic_command(args)
             from pixellm_jax.data.tfds_prepare import prepare_command
 
             return prepare_command(args)

@@ -16,7 +16,16 @@ Questions (drawn from the `rng` given to `get`, so each epoch may ask differentl
     when every other shape is at least `relation_margin` (fraction of the image side) from the anchor
     along that axis and 1..max_targets shapes qualify — "Segment the shapes left of the red circle." →
     "Sure, they are [SEG] and [SEG]." with targets ordered left to right (ties top to bottom).
-Only unambiguous questions are asked. Each Sample carries `questions_per_image` single-turn
+Multi-target reasoning questions, whose targets the question does not name (finding them needs the
+image); each target is named in the answer, left to right, by its unambiguous description:
+  * class: every shape of one kind — "Segment every circle in this image." → "Sure, the circle in
+    red [SEG] and the circle in blue [SEG].";
+  * size: every small / large shape — "Which shapes here are large?" → "The large ones are the
+    square in green [SEG] and the triangle in red [SEG]." ("The small one is ..." for one);
+  * count: "How many triangles are in this image? Segment each of them." → "There are 2: the
+    triangle in yellow [SEG] and the triangle in purple [SEG]."
+Only unambiguous questions are asked (a reasoning question only when every target is referable and
+1..max_targets shapes qualify). Each Sample carries `questions_per_image` single-turn
 conversations.
 """
 
@@ -41,7 +50,8 @@ SHAPES = ("circle", "square", "triangle")
 # Radius range of each size, as a fraction of the image's shorter side.
 SIZES: dict[str, tuple[float, float]] = {"small": (0.07, 0.10), "large": (0.15, 0.19)}
 RELATIONS = ("left of", "right of", "above", "below")
-KINDS = ("refer", "multi", "relation")
+KINDS = ("refer", "multi", "relation", "class", "size", "count")
+REASONING_KINDS = ("multi", "relation", "class", "size", "count")  # several targets per question
 
 REFER_QUESTIONS = (
     "Can you segment the {} in this image?",
@@ -65,6 +75,20 @@ RELATION_QUESTIONS = (
     "Segment the shapes {} the {}.",
     "Which shapes are {} the {}? Please output segmentation mask.",
 )
+
+CLASS_QUESTIONS = (
+    "Segment every {} in this image.",
+    "Can you segment all the {}s here?",
+)
+SIZE_QUESTIONS = (
+    "Which shapes in this image are {}? Please output segmentation mask.",
+    "Segment all the {} shapes.",
+)
+COUNT_QUESTIONS = (
+    "How many {}s are in this image? Segment each of them.",
+    "Count the {}s and segment them.",
+)
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
 
 _SQUARE_HALF_SIDE = 0.85  # of the radius, so squares and circles have similar areas
 _TRIANGLE_RADIUS = 1.2  # circumradius of the (upward) equilateral triangle, of the radius
@@ -146,7 +170,7 @@ class SyntheticShapes(Source):
         min_shapes: int = 2,
         max_shapes: int = 5,
         questions_per_image: int = 2,
-        kind_weights: tuple[float, float, float] = (0.5, 0.25, 0.25),
+        kind_weights: tuple[float, ...] = (0.5, 0.25, 0.25, 0.0, 0.0, 0.0),
         max_targets: int = 3,
         min_visible: float = 0.6,
         relation_margin: float = 0.08,
@@ -157,8 +181,10 @@ class SyntheticShapes(Source):
             raise ValueError(f"need 16 <= min_size <= max_size, got {min_size}, {max_size}")
         if max_targets < 1 or questions_per_image < 1:
             raise ValueError("max_targets and questions_per_image must be positive")
-        if len(kind_weights) != len(KINDS) or min(kind_weights) < 0 or sum(kind_weights) <= 0:
-            raise ValueError(f"kind_weights needs {len(KINDS)} non-negative weights, got {kind_weights}")
+        if not 1 <= len(kind_weights) <= len(KINDS) or min(kind_weights) < 0 or sum(kind_weights) <= 0:
+            raise ValueError(f"kind_weights needs up to {len(KINDS)} non-negative weights ({', '.join(KINDS)}; "
+                             f"missing ones are 0), got {kind_weights}")
+        kind_weights = tuple(kind_weights) + (0.0,) * (len(KINDS) - len(kind_weights))
         self.num_samples = num_samples
         self.seed = seed
         self.min_size, self.max_size = min_size, max_size
@@ -287,15 +313,58 @@ class SyntheticShapes(Source):
             answer = f"Sure, they are {join_list([SEG_PLACEHOLDER] * len(targets))}."
         return question, answer, targets
 
+    def _named_targets(self, scene: Scene, targets: list[int]) -> list[int] | None:
+        """`targets` left to right when 1..max_targets of them and every one is referable, else None."""
+        if not 1 <= len(targets) <= self.max_targets or any(scene.names[i] is None for i in targets):
+            return None
+        return sorted(targets, key=lambda i: (scene.shapes[i].cx, scene.shapes[i].cy))
+
+    def _named_answer(self, scene: Scene, targets: list[int]) -> str:
+        return join_list([f"the {answer_name(scene.names[i])} {SEG_PLACEHOLDER}" for i in targets])
+
+    def _group(self, scene: Scene, attr: str, values, rng: np.random.Generator) -> tuple[str, list[int]] | None:
+        """A random (value, targets) among the values of shape attribute `attr` whose shapes can be named."""
+        options = [(v, t) for v in values if (t := self._named_targets(
+            scene, [i for i, s in enumerate(scene.shapes) if getattr(s, attr) == v]))]
+        return options[int(rng.integers(len(options)))] if options else None
+
+    def _class(self, scene: Scene, rng: np.random.Generator) -> tuple[str, str, list[int]] | None:
+        if not (group := self._group(scene, "kind", SHAPES, rng)):
+            return None
+        kind, targets = group
+        question = str(rng.choice(CLASS_QUESTIONS)).format(kind)
+        return question, f"Sure, {self._named_answer(scene, targets)}.", targets
+
+    def _size(self, scene: Scene, rng: np.random.Generator) -> tuple[str, str, list[int]] | None:
+        if not (group := self._group(scene, "size", SIZES, rng)):
+            return None
+        size, targets = group
+        question = str(rng.choice(SIZE_QUESTIONS)).format(size)
+        lead = f"The {size} one is" if len(targets) == 1 else f"The {size} ones are"
+        return question, f"{lead} {self._named_answer(scene, targets)}.", targets
+
+    def _count(self, scene: Scene, rng: np.random.Generator) -> tuple[str, str, list[int]] | None:
+        if not (group := self._group(scene, "kind", SHAPES, rng)):
+            return None
+        kind, targets = group
+        n = len(targets)
+        question = str(rng.choice(COUNT_QUESTIONS)).format(kind)
+        lead = "There is one" if n == 1 else f"There are {NUMBERS[n] if n < len(NUMBERS) else n}"
+        return question, f"{lead}: {self._named_answer(scene, targets)}.", targets
+
+    def question(self, scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str, list[int]]:
+        """(question, answer with one [SEG] per target, target shape indices) of one `kind`; a referring
+        question when the scene cannot support that kind."""
+        ask = {"refer": self._refer, "multi": self._multi, "relation": self._relation,
+               "class": self._class, "size": self._size, "count": self._count}[kind]
+        return ask(scene, rng) or self._refer(scene, rng)
+
     def get(self, index: int, rng: np.random.Generator) -> Sample:
         scene = self.scene(index)
         conversations = []
         for _ in range(self.questions_per_image):
             kind = KINDS[int(rng.choice(len(KINDS), p=self.kind_p))]
-            qa = {"refer": self._refer, "multi": self._multi, "relation": self._relation}[kind](scene, rng)
-            if qa is None:  # the scene cannot support that kind of question
-                qa = self._refer(scene, rng)
-            question, answer, targets = qa
+            question, answer, targets = self.question(scene, kind, rng)
             conversations.append(
                 Conversation(turns=[(IMAGE_PLACEHOLDER + "\n" + question, answer)], masks=scene.visible[targets])
             )

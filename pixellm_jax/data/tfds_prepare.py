@@ -339,7 +339,9 @@ def prepare(
 def prepare_command(args: Any) -> int:
     """`pixellm prepare-data` (arguments in cli.py)."""
     try:
-        writer = make_writer(args.source, args.root, args.split, args.split_by, args.image_dir, args.num_samples,
+        if len(args.num_samples) != 1:
+            raise ValueError(f"--num-samples takes one count here (scenes per split), got {args.num_samples}")
+        writer = make_writer(args.source, args.root, args.split, args.split_by, args.image_dir, args.num_samples[0],
                              args.seed)
         result = prepare(writer, args.out, args.split, args.on_bad_sample, args.overwrite)
     except (BadSample, DatasetFileError, FileExistsError, ValueError) as e:

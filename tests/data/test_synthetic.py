@@ -210,4 +210,6 @@ def test_configurable_and_validated():
     with pytest.raises(ValueError):
         SyntheticShapes(min_shapes=1)
     with pytest.raises(ValueError):
-        SyntheticShapes(kind_weights=(1, 1))
+        SyntheticShapes(kind_weights=(1,) * 7)  # more weights than kinds
+    with pytest.raises(ValueError):
+        SyntheticShapes(kind_weights=(0, 0))
