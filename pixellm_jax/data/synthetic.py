@@ -53,10 +53,11 @@ RELATIONS = ("left of", "right of", "above", "below")
 KINDS = ("refer", "multi", "relation", "class", "size", "count")
 REASONING_KINDS = ("multi", "relation", "class", "size", "count")  # several targets per question
 
+MASK_REQUEST = "Please output segmentation mask."
 REFER_QUESTIONS = (
     "Can you segment the {} in this image?",
     "Please segment the {} in this image.",
-    "What is the {} in this image? Please output segmentation mask.",
+    f"What is the {{}} in this image? {MASK_REQUEST}",
 )
 # Answers name their target with its colour last, right before its [SEG] ("the circle in red
 # [SEG]"): the state that predicts the first codebook token sits on the colour word, so the prompt
@@ -73,7 +74,7 @@ def answer_name(name: str) -> str:
 MULTI_QUESTIONS = ("Can you segment the {} in this image?", "Please segment the {}.")
 RELATION_QUESTIONS = (
     "Segment the shapes {} the {}.",
-    "Which shapes are {} the {}? Please output segmentation mask.",
+    f"Which shapes are {{}} the {{}}? {MASK_REQUEST}",
 )
 
 CLASS_QUESTIONS = (
@@ -81,7 +82,7 @@ CLASS_QUESTIONS = (
     "Can you segment all the {}s here?",
 )
 SIZE_QUESTIONS = (
-    "Which shapes in this image are {}? Please output segmentation mask.",
+    f"Which shapes in this image are {{}}? {MASK_REQUEST}",
     "Segment all the {} shapes.",
 )
 COUNT_QUESTIONS = (

@@ -28,7 +28,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pixellm_jax.data.sample import SEG_PLACEHOLDER
-from pixellm_jax.data.synthetic import REASONING_KINDS, Scene, SyntheticShapes
+from pixellm_jax.data.synthetic import MASK_REQUEST, REASONING_KINDS, Scene, SyntheticShapes
 
 IMAGE_SUBDIR = "images/train2014"
 
@@ -61,7 +61,8 @@ def _record(file_name: str, scene: Scene, qas: list[tuple[str, str, list[int]]])
     height, width = scene.image.shape[:2]
     return {
         "file_name": file_name, "height": int(height), "width": int(width), "ann_list": ann,
-        "questions": [q for q, _, _ in qas],
+        "questions": [q.removesuffix(" " + MASK_REQUEST) for q, _, _ in qas],  # released questions are bare:
+        # the loaders add the request themselves (templates.LONG_QUESTION_LIST)
         "answers": [[ann[i] for i in targets] for _, _, targets in qas],
         "text_answers": [a.replace(SEG_PLACEHOLDER, "{seg}") for _, a, _ in qas],
     }

@@ -94,6 +94,7 @@ def test_muse_layout_reads_back_through_the_muse_loader(tmp_path):
                 for conv, targets in zip(sample.conversations, rec["answers"]):
                     np.testing.assert_array_equal(conv.masks, scene.visible[[t["id"] for t in targets]])
                     assert conv.turns[0][1].count(SEG_PLACEHOLDER) == len(targets)
+                    assert conv.turns[0][0].count("segmentation mask") <= 1  # the loader adds the one request
             assert source.skipped_questions == 0
     # Held-out scenes are not training scenes; several reasoning kinds with several targets appear.
     train = json.loads((out / "muse_train.json").read_text())
