@@ -120,7 +120,7 @@ class Demo:
     def answer(self, image: str | None, question: str, temperature: float, top_p: float, max_new_tokens: int,
                seed: int = 0):
         """(answer, overlay, mask files, status) for the page; a bad input leaves only the status."""
-        from pixellm_jax.eval.predict import overlay
+        from pixellm_jax.overlay import overlay
         from pixellm_jax.predictor import UnusableImage
 
         if image is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from pixellm_jax.data.conversation import LegacyTokenizer, tokenize_generation
 from pixellm_jax.data.dataset_io import image_to_rgb, load_image
@@ -26,13 +26,10 @@ from pixellm_jax.errors import UserError, writing
 from pixellm_jax.eval.answer_text import numbered_answer, raw_answer
 from pixellm_jax.eval.batches import BatchShape, EvalItem, pack
 from pixellm_jax.eval.generate import SamplingConfig
+from pixellm_jax.overlay import overlay
 from pixellm_jax.eval.runner import BatchRunner, sampling_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-PALETTE = (
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
-    (245, 130, 48), (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 128, 128),
-)
 
 
 class NothingPredicted(UserError):
@@ -147,32 +144,6 @@ def predict(
             image = images.pop(item.sample_index)
             yield Prediction(paths.pop(item.sample_index), image, answer, out["mask_logits"][j, :n, :h, :w] > 0,
                              raw_answer(decode, tokens, tok.eos_id))
-
-
-def overlay(image: np.ndarray, masks: np.ndarray) -> Image.Image:
-    """The image with each mask tinted in its palette colour, numbered, and a legend; same size."""
-    canvas = image.astype(np.float32)
-    for k, mask in enumerate(masks):
-        colour = np.asarray(PALETTE[k % len(PALETTE)], np.float32)
-        canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
-    out = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    for k, mask in enumerate(masks):
-        ys, xs = np.nonzero(mask)
-        if len(xs):
-            # the mask pixel nearest the mask's centroid, so the number sits on the target
-            i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
-            draw.text((int(xs[i]), int(ys[i])), str(k + 1), fill=(255, 255, 255), font=font, anchor="mm",
-                      stroke_width=1, stroke_fill=(0, 0, 0))
-    if len(masks):
-        line = 12
-        draw.rectangle((0, 0, 34, 4 + line * len(masks)), fill=(0, 0, 0))
-        for k in range(len(masks)):
-            y = 2 + line * k
-            draw.rectangle((2, y + 1, 11, y + 10), fill=PALETTE[k % len(PALETTE)])
-            draw.text((15, y), str(k + 1), fill=(255, 255, 255), font=font)
-    return out
 
 
 def write_prediction(prediction: Prediction, out_dir: str | Path) -> list[Path]:

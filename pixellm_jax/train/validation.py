@@ -10,6 +10,7 @@ training run tracks and picks its best checkpoint by.
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 from typing import Iterable
@@ -24,6 +25,7 @@ from PIL import Image
 from pixellm_jax.config import Config
 from pixellm_jax.data.transforms import CLIP_MEAN, CLIP_STD, OFFICIAL_MEAN, OFFICIAL_STD
 from pixellm_jax.objective import pixellm_objective
+from pixellm_jax.overlay import PALETTE, outlined, overlay
 from pixellm_jax.postprocess import target_masks
 from pixellm_jax.train.mesh import global_batch
 from pixellm_jax.train.state import StateLayout, TrainState
@@ -92,9 +94,6 @@ def evaluate(eval_step, state: TrainState, frozen, batches: Iterable[dict], shar
     return metrics, kept
 
 
-_COLOURS = np.array([[255, 0, 255], [0, 255, 255], [255, 255, 0], [255, 128, 0], [0, 255, 0], [255, 0, 0]], np.uint8)
-
-
 def _image(pixels: np.ndarray, hw: np.ndarray, normalization: str) -> np.ndarray:
     """The uint8 RGB image a normalised, padded [S, S, 3] array came from (cropped to hw)."""
     if normalization == "official":
@@ -104,17 +103,13 @@ def _image(pixels: np.ndarray, hw: np.ndarray, normalization: str) -> np.ndarray
     return np.clip(np.rint(rgb[: hw[0], : hw[1]]), 0, 255).astype(np.uint8)
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    inner = mask.copy()
-    inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
-    return mask & ~inner
-
-
 def write_overlays(directory: Path, kept: list[tuple[dict, np.ndarray]], hf_tokenizer, count: int,
                    normalization: str, scale: int = 4) -> list[Path]:
-    """PNG per conversation: the image beside it with predicted masks filled and GT outlined.
+    """PNG per conversation: the image, then its predicted masks tinted and numbered (one palette colour
+    per target, legend) with the ground truth outlined in the same colour.
 
-    `index.json` beside them gives each file's question and answer text and per-target IoU.
+    `index.json` gives each file's conversation text and per-target IoU; `index.html` shows them all
+    together with a colour swatch and IoU per target.
     """
     directory.mkdir(parents=True, exist_ok=True)
     written, index = [], []
@@ -126,24 +121,42 @@ def write_overlays(directory: Path, kept: list[tuple[dict, np.ndarray]], hf_toke
             hw = local["resized_hw"][row]
             image = _image(local["pixels"][row], hw, normalization)
             mh, mw = (int(v) for v in local["mask_hw"][row])
-            overlay = image.astype(np.float32)
-            ious = []
-            for t in np.flatnonzero(local["mask_valid"][j]):
-                colour = _COLOURS[t % len(_COLOURS)]
-                p = _resize_mask(pred[j, t, :mh, :mw], hw)
-                g = _resize_mask(local["masks"][j, t, :mh, :mw], hw)
-                overlay[p] = 0.45 * overlay[p] + 0.55 * colour
-                overlay[_outline(g)] = colour
-                union = (p | g).sum()
-                ious.append(float((p & g).sum() / union) if union else 1.0)
-            picture = np.concatenate([image, np.full((hw[0], 2, 3), 255, np.uint8), overlay.astype(np.uint8)], 1)
+            targets = np.flatnonzero(local["mask_valid"][j])
+            preds = [_resize_mask(pred[j, t, :mh, :mw], hw) for t in targets]
+            truths = [_resize_mask(local["masks"][j, t, :mh, :mw], hw) for t in targets]
+            ious = [float((p & g).sum() / (p | g).sum()) if (p | g).any() else 1.0 for p, g in zip(preds, truths)]
+            shape = (len(targets), hw[0] * scale, hw[1] * scale)
+            tinted = overlay(_upscale(scale, image), np.asarray([_upscale(scale, p) for p in preds], bool).reshape(shape))
+            tinted = outlined(tinted, np.asarray([_upscale(scale, g) for g in truths], bool).reshape(shape))
+            gap = np.full((hw[0] * scale, 2 * scale, 3), 255, np.uint8)
             path = directory / f"overlay_{len(written):02d}.png"
-            Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST).save(path)
+            Image.fromarray(np.concatenate([_upscale(scale, image), gap, np.asarray(tinted)], 1)).save(path)
             ids = [int(i) for i in local["input_ids"][j][local["attention_mask"][j]] if i >= 0]
             index.append({"file": path.name, "text": hf_tokenizer.decode(ids), "iou": ious})
             written.append(path)
     (directory / "index.json").write_text(json.dumps(index, indent=2))
+    (directory / "index.html").write_text(overlay_page(index))
     return written
+
+
+def overlay_page(index: list[dict]) -> str:
+    """An HTML page of the overlays: each image with its conversation and one swatch and IoU per target."""
+    items = []
+    for entry in index:
+        legend = "".join(
+            f'<li><span style="background:rgb{PALETTE[k % len(PALETTE)]}">&nbsp;&nbsp;&nbsp;</span> '
+            f"target {k + 1}: IoU {iou:.3f}</li>" for k, iou in enumerate(entry["iou"]))
+        items.append(f'<figure><img src="{html.escape(entry["file"])}"><figcaption><pre>'
+                     f'{html.escape(entry["text"])}</pre><ul>{legend}</ul></figcaption></figure>')
+    return ("<!doctype html><meta charset=utf-8><title>overlays</title><style>figure{display:inline-block;"
+            "vertical-align:top;max-width:44em;margin:1em}pre{white-space:pre-wrap}ul{list-style:none;padding:0}"
+            "</style><p>Left: the image. Right: each predicted mask tinted and numbered, its ground truth "
+            "outlined in the same colour.</p>" + "".join(items) + "\n")
+
+
+def _upscale(scale: int, a: np.ndarray) -> np.ndarray:
+    """Pixel replication, so the numbers and outlines drawn on a small image have room to be read."""
+    return a.repeat(scale, 0).repeat(scale, 1)
 
 
 def _resize_mask(mask: np.ndarray, hw) -> np.ndarray:
