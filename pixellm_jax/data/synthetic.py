@@ -15,7 +15,10 @@ Questions (drawn from the `rng` given to `get`, so each epoch may ask differentl
   * relation: the shapes left of / right of / above / below a referable anchor, by centre, asked only
     when every other shape is at least `relation_margin` (fraction of the image side) from the anchor
     along that axis and 1..max_targets shapes qualify — "Segment the shapes left of the red circle." →
-    "Sure, they are [SEG] and [SEG]." with targets ordered left to right (ties top to bottom).
+    "Sure, the square in blue [SEG] and the circle in green [SEG]." with targets ordered left to right
+    (ties top to bottom), each named when every target is referable ("Sure, they are [SEG] and [SEG]."
+    otherwise: answers that do not name their targets give prompts that differ only by position,
+    docs/MULTI_TARGET.md).
 Multi-target reasoning questions, whose targets the question does not name (finding them needs the
 image); each target is named in the answer, left to right, by its unambiguous description:
   * class: every shape of one kind — "Segment every circle in this image." → "Sure, the circle in
@@ -308,6 +311,8 @@ class SyntheticShapes(Source):
             return None
         anchor, relation, targets = options[int(rng.integers(len(options)))]
         question = str(rng.choice(RELATION_QUESTIONS)).format(relation, scene.names[anchor])
+        if self._named_targets(scene, targets):  # named, so each target's prompt carries what tells it apart
+            return question, f"Sure, {self._named_answer(scene, targets)}.", targets
         if len(targets) == 1:
             answer = f"Sure, it is {SEG_PLACEHOLDER}."
         else:

@@ -19,6 +19,7 @@ from pixellm_jax.data.synthetic import (
     REFER_ANSWERS,
     SyntheticShapes,
     answer_name,
+    join_list,
 )
 
 SEG = re.escape(SEG_PLACEHOLDER)
@@ -142,7 +143,12 @@ def _check_sample(src, sample: Sample, counts):
             targets.sort(key=lambda j: (scene.shapes[j].cx, scene.shapes[j].cy))
             assert 1 <= len(targets) <= src.max_targets
             n = len(targets)
-            assert re.fullmatch(rf"Sure, (it is {SEG}|they are ({SEG}, )*{SEG} and {SEG})\.", answer), answer
+            if all(scene.names[i] for i in targets):  # each target named in the answer, left to right
+                named = [f"the {answer_name(scene.names[i])} {SEG_PLACEHOLDER}" for i in targets]
+                assert answer == f"Sure, {join_list(named)}.", answer
+                counts["relation_named"] = counts.get("relation_named", 0) + 1
+            else:
+                assert re.fullmatch(rf"Sure, (it is {SEG}|they are ({SEG}, )*{SEG} and {SEG})\.", answer), answer
             counts["relation_targets"] = max(counts.get("relation_targets", 0), n)
         assert answer.count(SEG_PLACEHOLDER) == len(targets) == conv.masks.shape[0]
         if kind != "relation":  # the named colour and kind are the target's
@@ -159,7 +165,7 @@ def test_masks_match_text(seed):
     for index in range(0, 1000, 17):
         _check_sample(src, src.get(index, np.random.default_rng([seed, index])), counts)
     assert counts["refer"] > 10 and counts["multi"] > 10 and counts["relation"] > 10, counts
-    assert counts["with_size"] > 0 and counts["relation_targets"] >= 2, counts
+    assert counts["with_size"] > 0 and counts["relation_targets"] >= 2 and counts["relation_named"] > 5, counts
 
 
 def test_occlusion_happens_and_is_handled():
