@@ -45,7 +45,7 @@ class VisionConfig:
     # How a position table for image_size is derived from pretrained_image_size:
     # "official" = PixelLM's bilinear construction with its off-by-one; "hf" = transformers bicubic.
     position_interpolation: Literal["official", "hf"] = "official"
-    # Train the tower too (with `train.trainable: all`). PixelLM keeps its pretrained CLIP frozen;
+    # Train the tower too, with either train.trainable set. PixelLM keeps its pretrained CLIP frozen;
     # a model trained from scratch (the demo) needs features learned for its task.
     trainable: bool = False
 
@@ -642,5 +642,3 @@ def validate(cfg: Config) -> None:
     _require(tr.peak_tflops >= 0, "train.peak_tflops", "must be >= 0")
     _require(tr.max_update_ratio >= 0, "train.max_update_ratio", "must be >= 0 (0 = no limit)")
     _require(tr.resume_step >= -1, "train.resume_step", "must be a checkpoint step, or -1 for the newest")
-    _require(not cfg.model.vision.trainable or tr.trainable == "all", "model.vision.trainable",
-             "needs train.trainable: all (the official trainable set keeps CLIP frozen)")

@@ -69,6 +69,19 @@ class MuseSource(Source):
         split = "train2017" if "train2017" in url else "val2017"
         return resolve_in_root(self.image_root / split, url.split("/")[-1], sample_id)
 
+    def scene_mask(self, index: int) -> np.ndarray | None:
+        """[H, W] bool, the union of every instance the image's `ann_list` annotates: what a predictor
+        that marks everything would answer for each target (evaluation's `baseline_giou`); None when
+        the record has no usable ann_list (the sample itself then fails in `get`)."""
+        rec = self._records[index]
+        anns = rec.get("ann_list") if isinstance(rec, dict) else None
+        if not isinstance(anns, list) or not anns or not all(isinstance(a, dict) for a in anns):
+            return None
+        sample_id = f"muse:{index}"
+        height, width = image_size_of(rec, sample_id)
+        masks = [decode_segmentation(a.get("segmentation"), height, width, sample_id) for a in anns]
+        return np.any(stack_masks(masks, height, width), axis=0)
+
     def get(self, index: int, rng: np.random.Generator) -> Sample:
         rec = self._records[index]
         sample_id = f"muse:{index}"

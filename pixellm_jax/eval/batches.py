@@ -53,6 +53,8 @@ class EvalItem:
     answer: str  # the reference answer, one SEG_PLACEHOLDER per target
     gt: np.ndarray  # [k, H, W] bool ground-truth masks at the original resolution
     input_ids: np.ndarray  # [t] int32 token ids of the row
+    # [H, W] bool union of every annotated instance of the image (MUSE sources), for the baseline
+    scene: np.ndarray | None = None
 
 
 @dataclass
@@ -111,6 +113,8 @@ def sample_items(
     except ValueError as e:
         raise BadSample(sample.sample_id, str(e)) from None
     items = []
+    scene_mask = getattr(source, "scene_mask", None) if protocol == "generate" else None
+    scene = scene_mask(index) if scene_mask is not None else None
     for ci, conv in enumerate(sample.conversations):
         question, answer = conv.turns[0]
         if protocol == "teacher_forced":
@@ -118,7 +122,7 @@ def sample_items(
         else:
             ids = tokenize_generation(tok, question, use_im_start_end=use_im_start_end)
         text = question.replace(IMAGE_PLACEHOLDER, "").strip()
-        items.append(EvalItem(index, ci, sample.sample_id, text, answer, conv.masks, ids))
+        items.append(EvalItem(index, ci, sample.sample_id, text, answer, conv.masks, ids, scene))
     return sample.image, items
 
 

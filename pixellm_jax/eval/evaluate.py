@@ -5,7 +5,9 @@ Each split is a random-access `Source` with a protocol:
   reference answer, gIoU / cIoU over targets (`metrics.ReferringMeter`);
 * `generate` (MUSE and other open answers): the official `ar_validate` — greedy (or sampled) answers
   with their masks, Hungarian-matched to the ground truths per question, both the corrected and the
-  official-compatible MUSE metrics (`metrics.MuseMeter`); optionally the LLM-judge prompts.
+  official-compatible MUSE metrics (`metrics.MuseMeter`); optionally the LLM-judge prompts. Sources
+  that know every annotated instance of an image (MUSE) also give `baseline_giou`: the corrected gIoU
+  of predicting each target as the union of all of them ("mark everything"), the floor a model must beat.
 
 A sample the source rejects (`BadSample`) is skipped and counted by reason (`skipped_by_reason`,
 keys of `sample.DROP_REASONS`). A split that scored no row has no metric (None) and fails the run
@@ -36,7 +38,9 @@ from pixellm_jax.eval.answer_text import number_placeholders, numbered_answer
 from pixellm_jax.eval.batches import BatchShape, Protocol, eval_batches
 from pixellm_jax.eval.generate import SamplingConfig
 from pixellm_jax.eval.judge import judge_prompt, write_judge_prompts
-from pixellm_jax.eval.metrics import NUM_POINTS, MuseMeter, ReferringMeter, match_question
+from pixellm_jax.eval.metrics import (
+    NUM_POINTS, MuseMeter, ReferringMeter, exact_iou, intersection_union, match_question,
+)
 from pixellm_jax.eval.runner import BatchRunner, agree_on_shapes, any_process, idle_batch, sampling_key
 from pixellm_jax.eval.teacher_forced import score_referring
 
@@ -112,7 +116,9 @@ def evaluate_split(
     seg_ids = cfg.seg_ids(runner.cfg.text.vocab_size)
     referring, muse = ReferringMeter(), MuseMeter()
     records, prompts, skipped = [], [], []
-    counts = np.zeros(3)  # malformed answers, answers over max_targets, targets without prediction
+    # malformed answers, answers over max_targets, targets without prediction, and the mark-everything
+    # baseline: IoU sum and targets
+    counts = np.zeros(5)
     share = len(range(jax.process_index(), len(split.source), jax.process_count()))
     bar = tqdm(total=share, desc=split.name, unit="sample", disable=not progress)
     open_image = None
@@ -137,6 +143,9 @@ def evaluate_split(
                 match = match_question(logits, item.gt, settings.seed, (item.sample_index, item.conversation),
                                        settings.num_points)
                 muse.add(match, num_pred, item.gt.shape[0])
+                if item.scene is not None:
+                    for gt in item.gt:
+                        counts[3:] += (exact_iou(*intersection_union(item.scene, gt)), 1)
                 counts[1] += bool(out["overflow"][j])
                 record.update(
                     answer=answer, reference_answer=number_placeholders(item.answer),
@@ -153,16 +162,20 @@ def evaluate_split(
     bar.close()
     by_reason = [sum(bad_sample_category(reason) == key for _, reason in skipped) for key in DROP_REASONS]
     sizes = [len(records), len(skipped)]
-    totals = _summed(np.concatenate([referring.sums(), muse.sums(), counts, sizes, by_reason]))
+    parts = [referring.sums(), muse.sums(), counts, sizes, np.asarray(by_reason, np.float64)]
+    ref_sums, muse_sums, counts, sizes, by_reason = np.split(
+        _summed(np.concatenate(parts)), np.cumsum([len(p) for p in parts])[:-1])
     metrics = {"protocol": split.protocol}
     if split.protocol == "teacher_forced":
-        metrics.update(ReferringMeter.result(totals[:4]))
-        metrics["targets_without_prediction"] = int(totals[17])
+        metrics.update(ReferringMeter.result(ref_sums))
+        metrics["targets_without_prediction"] = int(counts[2])
     else:
-        metrics.update(MuseMeter.result(totals[4:15]))
-        metrics["overflow_answers"] = int(totals[16])
-    metrics.update(malformed_answers=int(totals[15]), rows=int(totals[18]), skipped_samples=int(totals[19]),
-                   skipped_by_reason={key: int(n) for key, n in zip(DROP_REASONS, totals[20:]) if n})
+        metrics.update(MuseMeter.result(muse_sums))
+        metrics["overflow_answers"] = int(counts[1])
+        # every target predicted as the union of the image's annotated instances (corrected IoU)
+        metrics["baseline_giou"] = counts[3] / counts[4] if counts[4] else None
+    metrics.update(malformed_answers=int(counts[0]), rows=int(sizes[0]), skipped_samples=int(sizes[1]),
+                   skipped_by_reason={key: int(n) for key, n in zip(DROP_REASONS, by_reason) if n})
     return SplitResult(metrics, records, prompts, skipped)
 
 

@@ -25,6 +25,10 @@ empty prediction, and each unmatched prediction with an empty ground truth. Two 
   spurious prediction usually scores IoU = 1 (empty union) instead of 0. IoU = I / (U + 1e-5) + [U = 0].
   gIoU divides the image's IoU sum by max(#predictions, #ground truths) over *all* questions of the
   image, not by its number of pairs (so it can exceed 1); cIoU = ΣI / (ΣU + 1e-10).
+
+Not in the official code: `exact_targets`, the share of questions answered with exactly the right
+targets — as many predictions as ground truths, each matched pair at corrected IoU >= 0.5. It tells a
+model that names the wrong objects (or too few) from one that names the right ones with loose masks.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 NUM_POINTS = 12544  # official match_pred
+EXACT_IOU = 0.5  # a matched target counts as found at this IoU (exact_targets)
 
 
 def intersection_union(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
@@ -189,7 +194,8 @@ class MuseMeter:
 
     corrected: np.ndarray = field(default_factory=lambda: np.zeros(4))  # iou sum, pairs, I, U
     official: np.ndarray = field(default_factory=lambda: np.zeros(4))  # iou sum, normaliser, I, U
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(3))  # predictions, ground truths, matched
+    # predictions, ground truths, matched, questions, questions whose targets are exactly right
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(5))
     _image: tuple[int, int] = (0, 0)  # predictions and ground truths of the open image
 
     def add(self, match: QuestionMatch, num_pred: int, num_gt: int) -> None:
@@ -197,7 +203,8 @@ class MuseMeter:
             self.corrected += (p.iou, 1, p.intersection, p.union)
         for p in match.official:
             self.official += (p.iou, 0, p.intersection, p.union)
-        self.counts += (num_pred, num_gt, len(match.pred_to_gt))
+        exact = num_pred == num_gt and all(p.iou >= EXACT_IOU for p in match.corrected)
+        self.counts += (num_pred, num_gt, len(match.pred_to_gt), 1, exact)
         self._image = (self._image[0] + num_pred, self._image[1] + num_gt)
 
     def close_image(self) -> None:
@@ -218,4 +225,6 @@ class MuseMeter:
             "official": {"giou": o[0] / o[1] if o[1] else None, "ciou": o[2] / (o[3] + 1e-10) if scored else None,
                          "normaliser": int(o[1])},
             "predictions": int(n[0]), "ground_truths": int(n[1]), "matched": int(n[2]),
+            "questions": int(n[3]), "exact_targets": n[4] / n[3] if n[3] else None,
         }
+

@@ -169,7 +169,8 @@ class HeldOut:
         m = result.metrics
         corrected = m["corrected"]
         out = {"giou": corrected["giou"], "ciou": corrected["ciou"], "targets": float(m["ground_truths"]),
-               "official_giou": m["official"]["giou"], "rows": float(m["rows"]),
+               "official_giou": m["official"]["giou"], "exact_targets": m["exact_targets"],
+               "baseline_giou": m["baseline_giou"], "rows": float(m["rows"]),
                "dropped": float(m.get("skipped_samples", 0))}
         out.update({f"dropped/{reason}": float(n) for reason, n in m.get("skipped_by_reason", {}).items() if n})
         return {k: v for k, v in out.items() if v is not None}

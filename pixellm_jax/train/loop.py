@@ -353,6 +353,25 @@ def main(config: str, overrides: list[str]) -> int:
         return 1
     if jax.process_index() == 0:
         status = "preempted, checkpoint saved" if result.preempted else "done"
-        extra = "".join(f", {k} {v:.4f}" for k, v in result.eval_metrics.items() if k in ("giou", "ciou"))
-        print(f"{status}: {result.steps} steps in {result.wall_seconds:.1f}s{extra}; outputs in {cfg.train.output_dir}")
+        print(f"{status}: {result.steps} steps in {result.wall_seconds:.1f}s; outputs in {cfg.train.output_dir}")
+        for line in heldout_lines(result.eval_metrics):
+            print(line)
     return 0
+
+
+def heldout_lines(metrics: dict[str, float]) -> list[str]:
+    """One line per held-out split of the last evaluation: gIoU, cIoU and, for generated answers, the
+    share of answers with exactly the right targets and the mark-everything baseline."""
+    splits = dict.fromkeys(k.split("/", 1)[0] for k in metrics if "/" in k)
+    lines = []
+    for name in splits:
+        m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{name}/")}
+        if "giou" not in m:
+            continue
+        line = f"held-out {name}: gIoU {m['giou']:.4f} cIoU {m['ciou']:.4f}"
+        if "exact_targets" in m:
+            line += f", exact targets {m['exact_targets']:.1%} (generated answers)"
+        if "baseline_giou" in m:
+            line += f"; marking everything: gIoU {m['baseline_giou']:.4f}"
+        lines.append(line + f" ({m['targets']:.0f} targets)")
+    return lines

@@ -34,13 +34,19 @@ class TrainState(NamedTuple):
 
 
 def train_filter(cfg: Config):
-    """The parameters this run trains: PixelLM's official set, or all (the CLIP tower only when
-    `model.vision.trainable`)."""
+    """The parameters this run trains: PixelLM's official set, or all; either with the CLIP tower
+    when `model.vision.trainable`."""
+    def in_tower(path: tuple) -> bool:
+        return bool(path) and str(path[0]) == "vision_tower"
+
     if cfg.train.trainable == "official":
-        return trainable_filter(cfg.model)
+        official = trainable_filter(cfg.model)
+        if not cfg.model.vision.trainable:
+            return official
+        return lambda path, value: official(path, value) or (isinstance(value, nnx.Param) and in_tower(path))
     if cfg.model.vision.trainable:
         return nnx.Param
-    return lambda path, value: isinstance(value, nnx.Param) and (not path or str(path[0]) != "vision_tower")
+    return lambda path, value: isinstance(value, nnx.Param) and not in_tower(path)
 
 
 def split_model(model: nnx.Module, cfg: Config):

@@ -90,6 +90,8 @@ def test_muse_layout_reads_back_through_the_muse_loader(tmp_path):
                     assert (len(targets) == 1) or name == "muse"
                 sample = source.get(index, np.random.default_rng(0))
                 np.testing.assert_array_equal(sample.image, scene.image)
+                # the mark-everything baseline's mask: every shape of the scene
+                np.testing.assert_array_equal(source.scene_mask(index), scene.visible.any(axis=0))
                 assert len(sample.conversations) == per_image
                 for conv, targets in zip(sample.conversations, rec["answers"]):
                     np.testing.assert_array_equal(conv.masks, scene.visible[[t["id"] for t in targets]])

@@ -134,6 +134,9 @@ def test_eval_generation_records_and_metrics(env):
     assert m["official"]["normaliser"] == sum(max(v) for v in per_image.values())
     assert m["official"]["giou"] == pytest.approx(sum(p["official_iou"] for p in meter_pairs) / m["official"]["normaliser"])
     assert m["matched"] == 6 and m["predictions"] == 6
+    exact = [r["num_pred"] == r["num_gt"] and all(p["iou"] >= 0.5 for p in r["pairs"]) for r in records]
+    assert m["questions"] == 6 and m["exact_targets"] == pytest.approx(np.mean(exact))
+    assert m["baseline_giou"] is None  # the built-in synthetic source does not list every instance
     prompts = [json.loads(line) for line in (env.out / "syn.judge_prompts.jsonl").open()]
     assert len(prompts) == 6 and "Reference answer:" in prompts[0]["prompt"]
 

@@ -130,4 +130,10 @@ def test_muse_meter_official_normaliser_is_per_image():
     assert r["official"]["giou"] == pytest.approx((16 / (16 + 1e-5) + 1.0) / 3)
     assert r["official"]["ciou"] == pytest.approx(16 / (16 + 36 + 36 + 1e-10))
     assert (r["predictions"], r["ground_truths"], r["matched"]) == (2, 3, 1)
+    assert r["questions"] == 2 and r["exact_targets"] == 0.0  # a spurious prediction, then none
+    exact = MuseMeter()
+    exact.add(match_question(logits_of(box(0, 4, 0, 4))[None], gt1, 0, (1, 0)), 1, 1)  # right target
+    exact.add(match_question(logits_of(box(0, 12, 0, 12))[None], gt1, 0, (1, 1)), 1, 1)  # IoU 16/144
+    assert MuseMeter.result(exact.sums())["exact_targets"] == 0.5
+    assert MuseMeter.result(MuseMeter().sums())["exact_targets"] is None
     assert official_iou(0, 0) == 1.0

@@ -2,9 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-import pytest
 
-from pixellm_jax.config import ConfigError, MeshConfig, load_config
+from pixellm_jax.config import MeshConfig, load_config
 from pixellm_jax.mesh import make_mesh
 from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.state import state_layout
@@ -36,6 +35,8 @@ def test_the_demo_trains_the_official_set():
     assert "kernel" in frozen["llm"]["layers"]["self_attn"]["q_proj"]
 
 
-def test_a_trainable_tower_needs_the_all_set():
-    with pytest.raises(ConfigError, match="model.vision.trainable"):
-        load_config("demo", ["model.vision.trainable=true", "train.trainable=official"])
+def test_the_official_set_with_a_trainable_tower_adds_only_the_tower():
+    params, frozen = _trained(["model.vision.trainable=true"])
+    assert "vision_tower" in params and "vision_tower" not in frozen
+    assert "kernel" in frozen["llm"]["layers"]["self_attn"]["q_proj"]  # the LLM body stays frozen
+    assert set(params["llm"]["layers"]["self_attn"]["q_proj"]) == {"lora_a", "lora_b"}

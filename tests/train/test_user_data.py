@@ -7,7 +7,9 @@ reports what it dropped by reason in metrics.jsonl, summary.json and the progres
 """
 
 import json
+import re
 
+import numpy as np
 import pytest
 
 from pixellm_jax.cli import main as cli_main
@@ -66,14 +68,23 @@ def test_training_on_muse_layout_data_from_own_paths(user_data, compile_cache, c
             assert 0.0 <= e[f"{split}/giou"] <= 1.0 and e[f"{split}/targets"] > 0
             assert e[f"{split}/dropped/bad_image"] == 1
         assert e["giou"] == e["val/giou"]  # the first split's metric picks the best checkpoint
+        # generated answers: the share with exactly the right targets and the mark-everything floor
+        assert 0.0 <= e["val/exact_targets"] <= 1.0 and 0.0 < e["val/baseline_giou"] <= 1.0
+        assert "val_tf/exact_targets" not in e
     assert run["best_checkpoint"] in (3, 6) and run["heldout_splits"] == ["val", "val_tf"]
     assert "eval val @ step 6" in printed and "eval val_tf @ step 6" in printed
+    assert re.search(r"held-out val: gIoU [\d.]+ cIoU [\d.]+, exact targets [\d.]+% \(generated answers\); "
+                     r"marking everything: gIoU [\d.]+", printed)
+    assert re.search(r"held-out val_tf: gIoU [\d.]+ cIoU [\d.]+ \(\d+ targets\)", printed)
 
     # The trained model evaluates on the same spec with relative paths, the bad image counted.
     assert cli_main(["eval", "--checkpoint", "runs/mine/model", "--out", "results", "--split", f"v={val}",
                      "--max-new-tokens", "24", "--no-progress"]) == 0
     metrics = json.loads(open("results/metrics.json").read())["v"]
     assert metrics["skipped_samples"] == 1 and metrics["skipped_by_reason"] == {"bad_image": 1}
+    records = [json.loads(line) for line in open("results/v.samples.jsonl")]
+    exact = [r["num_pred"] == r["num_gt"] and all(p["iou"] >= 0.5 for p in r["pairs"]) for r in records]
+    assert metrics["questions"] == len(records) and metrics["exact_targets"] == pytest.approx(np.mean(exact))
 
 
 def test_a_run_dropping_most_of_its_data_stops_naming_the_reason(user_data, compile_cache, capsys):
