@@ -4,6 +4,8 @@ the overlays a training run writes)."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -46,9 +48,11 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def outlined(picture: Image.Image, truths: np.ndarray) -> Image.Image:
-    """`picture` with each ground-truth mask's outline drawn in its target's palette colour."""
+def outlined(picture: Image.Image, truths: np.ndarray, colours: Sequence[int] | None = None) -> Image.Image:
+    """`picture` with each ground-truth mask's outline drawn in a palette colour: its target's (k), or
+    `colours[k]` when a ground truth is scored against another prediction than its own index."""
     canvas = np.array(picture)
     for k, truth in enumerate(truths):
-        canvas[outline(truth)] = PALETTE[k % len(PALETTE)]
+        c = k if colours is None else colours[k]
+        canvas[outline(truth)] = PALETTE[c % len(PALETTE)]
     return Image.fromarray(canvas)

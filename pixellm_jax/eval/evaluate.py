@@ -74,6 +74,9 @@ class SplitResult(NamedTuple):
     records: list[dict]  # this process's per-row records, in sample order
     judge_prompts: list[tuple[str, str]]  # (record id, prompt), when settings.judge
     skipped: list[tuple[str, str]]  # this process's skipped samples: (sample id, BadSample reason)
+    # the first `keep` generated rows of this process: (sample index, predicted masks [P, H, W] bool,
+    # ground truths [G, H, W], record), for overlays
+    kept: list[tuple[int, np.ndarray, np.ndarray, dict]] = []
 
 
 def _summed(values: np.ndarray) -> np.ndarray:
@@ -109,13 +112,15 @@ def evaluate_split(
     split: Split,
     settings: EvalSettings,
     progress: bool = True,
+    keep: int = 0,
 ) -> SplitResult:
-    """Metrics (summed over processes) and this process's records for one split."""
+    """Metrics (summed over processes) and this process's records (and its first `keep` generated rows'
+    masks) for one split."""
     cfg = runner.cfg.head
     group = cfg.num_seg_tokens
     seg_ids = cfg.seg_ids(runner.cfg.text.vocab_size)
     referring, muse = ReferringMeter(), MuseMeter()
-    records, prompts, skipped = [], [], []
+    records, prompts, skipped, kept = [], [], [], []
     # malformed answers, answers over max_targets, targets without prediction, and the mark-everything
     # baseline: IoU sum and targets
     counts = np.zeros(5)
@@ -154,6 +159,8 @@ def evaluate_split(
                             "iou": c.iou, "official_union": o.union, "official_iou": o.iou}
                            for c, o in zip(match.corrected, match.official)],
                 )
+                if len(kept) < keep:
+                    kept.append((item.sample_index, logits > 0, item.gt, record))
                 if settings.judge:
                     prompts.append((f"{split.name}/{item.sample_id}/{item.conversation}", judge_prompt(record, item.gt)))
             records.append(record)
@@ -176,7 +183,7 @@ def evaluate_split(
         metrics["baseline_giou"] = counts[3] / counts[4] if counts[4] else None
     metrics.update(malformed_answers=int(counts[0]), rows=int(sizes[0]), skipped_samples=int(sizes[1]),
                    skipped_by_reason={key: int(n) for key, n in zip(DROP_REASONS, by_reason) if n})
-    return SplitResult(metrics, records, prompts, skipped)
+    return SplitResult(metrics, records, prompts, skipped, kept)
 
 
 def _nothing_scored(split: Split, result: SplitResult) -> str:

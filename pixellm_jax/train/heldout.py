@@ -28,6 +28,7 @@ from pixellm_jax.data.conversation import LegacyTokenizer
 from pixellm_jax.data.pipeline import InputPipeline
 from pixellm_jax.data.specs import parse_spec
 from pixellm_jax.train.data import ValSplit, eval_pipeline, val_splits
+from pixellm_jax.train.overlays import AnswerOverlay
 from pixellm_jax.train.state import StateLayout, TrainState
 from pixellm_jax.train.validation import evaluate
 
@@ -91,17 +92,18 @@ class HeldOut:
 
     def evaluate(self, eval_step: Callable, state: TrainState, frozen, shardings: dict,
                  keep_predictions: int = 0) -> tuple[dict[str, float], list]:
-        """Flat metrics of every split (first split's also unprefixed) and the first split's kept
-        (batch, predictions) for overlays."""
+        """Flat metrics of every split (first split's also unprefixed) and, for overlays, the first
+        split's kept predictions: (batch, predictions) pairs of `keep_predictions` teacher-forced batches,
+        or `AnswerOverlay`s of that many generated answers."""
         metrics: dict[str, float] = {}
         kept_all: list = []
         for i, s in enumerate(self.splits):
+            keep = keep_predictions if i == 0 else 0
             if s.protocol == "teacher_forced":
-                split_metrics, kept = self._teacher_forced(s, eval_step, state, frozen, shardings,
-                                                           keep_predictions if i == 0 else 0)
-                kept_all += kept
+                split_metrics, kept = self._teacher_forced(s, eval_step, state, frozen, shardings, keep)
             else:
-                split_metrics = self._generated(s, state, frozen)
+                split_metrics, kept = self._generated(s, state, frozen, keep)
+            kept_all += kept
             if not split_metrics.get("targets"):
                 raise NothingScoredInValidation(
                     f"held-out split {s.name} ({s.protocol}) scored no target"
@@ -146,7 +148,7 @@ class HeldOut:
             metrics["dropped_detail"] = stats.dominant()
         return metrics, kept
 
-    def _generated(self, s: _Split, state: TrainState, frozen) -> dict[str, float]:
+    def _generated(self, s: _Split, state: TrainState, frozen, keep: int) -> tuple[dict[str, float], list]:
         from pixellm_jax.eval.batches import BatchShape
         from pixellm_jax.eval.evaluate import EvalSettings, Split, evaluate_split
         from pixellm_jax.eval.generate import SamplingConfig
@@ -164,8 +166,9 @@ class HeldOut:
                                 seed=cfg.seed)
         hf = self.hf_tokenizer
         decode = lambda ids: hf.decode([int(i) for i in ids], skip_special_tokens=False)  # noqa: E731
-        result = evaluate_split(runner, self.tokenizer, decode, Split(s.name, s.split.source, "generate"), settings,
-                                progress=False)
+        source = s.split.source
+        result = evaluate_split(runner, self.tokenizer, decode, Split(s.name, source, "generate"), settings,
+                                progress=False, keep=keep)
         m = result.metrics
         corrected = m["corrected"]
         out = {"giou": corrected["giou"], "ciou": corrected["ciou"], "targets": float(m["ground_truths"]),
@@ -173,5 +176,7 @@ class HeldOut:
                "baseline_giou": m["baseline_giou"], "rows": float(m["rows"]),
                "dropped": float(m.get("skipped_samples", 0))}
         out.update({f"dropped/{reason}": float(n) for reason, n in m.get("skipped_by_reason", {}).items() if n})
-        return {k: v for k, v in out.items() if v is not None}
+        kept = [AnswerOverlay(source.get(index, np.random.default_rng(0)).image, preds, gt, r["question"],
+                              r["answer"], r["reference_answer"], r["pairs"]) for index, preds, gt, r in result.kept]
+        return {k: v for k, v in out.items() if v is not None}, kept
 

@@ -47,7 +47,8 @@ from pixellm_jax.train.optimizer import make_optimizer
 from pixellm_jax.train.preemption import PreemptionWatch
 from pixellm_jax.train.state import init_state, state_layout
 from pixellm_jax.train.step import make_train_step
-from pixellm_jax.train.validation import make_eval_step, write_overlays
+from pixellm_jax.train.overlays import write_answer_overlays, write_overlays
+from pixellm_jax.train.validation import make_eval_step
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,9 @@ class Trainer:
                        f"{mean['tokens_per_s']:.0f} tok/s | {mean['step_seconds']:.3f} s/step{mfu}{drops}")
 
     def _evaluate(self, step: int, progress, overlays: bool) -> dict[str, float]:
-        keep = 1 if overlays and self.cfg.train.overlays else 0
+        # teacher-forced splits keep batches (one holds enough conversations), generated ones answers
+        generated = bool(self.heldout) and self.heldout.splits[0].protocol == "generate"
+        keep = (self.cfg.train.overlays if generated else 1) if overlays and self.cfg.train.overlays else 0
         eval_step = self._together(self.eval_step) if self.eval_step is not None else None
         metrics, kept = self.heldout.evaluate(eval_step, self.state, self.frozen, self.shardings, keep)
         self.writer.write(step, metrics, kind="eval")
@@ -293,11 +296,16 @@ class Trainer:
             m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{name}/")}
             loss = f" val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
             dropped = f", {m['dropped']:.0f} dropped" if m.get("dropped") else ""
-            progress.write(f"eval {name} @ step {step}: gIoU {m['giou']:.4f} cIoU {m['ciou']:.4f}{loss} "
+            exact = f" exact targets {m['exact_targets']:.1%}" if "exact_targets" in m else ""
+            base = f" (marking everything: {m['baseline_giou']:.4f})" if "baseline_giou" in m else ""
+            progress.write(f"eval {name} @ step {step}: gIoU {m['giou']:.4f}{base} cIoU {m['ciou']:.4f}{exact}{loss} "
                            f"({m['targets']:.0f} targets{dropped})")
         if kept and self.primary:
-            paths = write_overlays(self.out / "overlays", kept, self.hf_tokenizer, self.cfg.train.overlays,
-                                   self.cfg.data.normalization)
+            if generated:
+                paths = write_answer_overlays(self.out / "overlays", kept, self.cfg.train.overlays)
+            else:
+                paths = write_overlays(self.out / "overlays", kept, self.hf_tokenizer, self.cfg.train.overlays,
+                                       self.cfg.data.normalization)
             progress.write(f"wrote {len(paths)} mask overlays to {self.out / 'overlays'}")
         return metrics
 

@@ -1,4 +1,4 @@
-"""Held-out evaluation during training: teacher-forced gIoU / cIoU, validation loss, mask overlays.
+"""Held-out evaluation during training: teacher-forced gIoU / cIoU and validation loss (overlays: overlays.py).
 
 Teacher-forced: the model reads the ground-truth answer (so the number of targets is given) and each
 codebook group's mask is compared with its target on the mask canvas, at the image's canvas
@@ -10,9 +10,6 @@ training run tracks and picks its best checkpoint by.
 
 from __future__ import annotations
 
-import html
-import json
-from pathlib import Path
 from typing import Iterable
 
 import jax
@@ -20,12 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from PIL import Image
 
 from pixellm_jax.config import Config
-from pixellm_jax.data.transforms import CLIP_MEAN, CLIP_STD, OFFICIAL_MEAN, OFFICIAL_STD
 from pixellm_jax.objective import pixellm_objective
-from pixellm_jax.overlay import PALETTE, outlined, overlay
 from pixellm_jax.postprocess import target_masks
 from pixellm_jax.train.mesh import global_batch
 from pixellm_jax.train.state import StateLayout, TrainState
@@ -92,75 +86,3 @@ def evaluate(eval_step, state: TrainState, frozen, batches: Iterable[dict], shar
         "targets": totals.get("targets", 0.0),
     }
     return metrics, kept
-
-
-def _image(pixels: np.ndarray, hw: np.ndarray, normalization: str) -> np.ndarray:
-    """The uint8 RGB image a normalised, padded [S, S, 3] array came from (cropped to hw)."""
-    if normalization == "official":
-        rgb = pixels * np.float32(OFFICIAL_STD) + np.float32(OFFICIAL_MEAN)
-    else:
-        rgb = (pixels * np.float32(CLIP_STD) + np.float32(CLIP_MEAN)) * 255.0
-    return np.clip(np.rint(rgb[: hw[0], : hw[1]]), 0, 255).astype(np.uint8)
-
-
-def write_overlays(directory: Path, kept: list[tuple[dict, np.ndarray]], hf_tokenizer, count: int,
-                   normalization: str, scale: int = 4) -> list[Path]:
-    """PNG per conversation: the image, then its predicted masks tinted and numbered (one palette colour
-    per target, legend) with the ground truth outlined in the same colour.
-
-    `index.json` gives each file's conversation text and per-target IoU; `index.html` shows them all
-    together with a colour swatch and IoU per target.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    written, index = [], []
-    for local, pred in kept:
-        for j in np.flatnonzero(local["conv_valid"]):
-            if len(written) == count:
-                break
-            row = int(local["conv_image"][j])
-            hw = local["resized_hw"][row]
-            image = _image(local["pixels"][row], hw, normalization)
-            mh, mw = (int(v) for v in local["mask_hw"][row])
-            targets = np.flatnonzero(local["mask_valid"][j])
-            preds = [_resize_mask(pred[j, t, :mh, :mw], hw) for t in targets]
-            truths = [_resize_mask(local["masks"][j, t, :mh, :mw], hw) for t in targets]
-            ious = [float((p & g).sum() / (p | g).sum()) if (p | g).any() else 1.0 for p, g in zip(preds, truths)]
-            shape = (len(targets), hw[0] * scale, hw[1] * scale)
-            tinted = overlay(_upscale(scale, image), np.asarray([_upscale(scale, p) for p in preds], bool).reshape(shape))
-            tinted = outlined(tinted, np.asarray([_upscale(scale, g) for g in truths], bool).reshape(shape))
-            gap = np.full((hw[0] * scale, 2 * scale, 3), 255, np.uint8)
-            path = directory / f"overlay_{len(written):02d}.png"
-            Image.fromarray(np.concatenate([_upscale(scale, image), gap, np.asarray(tinted)], 1)).save(path)
-            ids = [int(i) for i in local["input_ids"][j][local["attention_mask"][j]] if i >= 0]
-            index.append({"file": path.name, "text": hf_tokenizer.decode(ids), "iou": ious})
-            written.append(path)
-    (directory / "index.json").write_text(json.dumps(index, indent=2))
-    (directory / "index.html").write_text(overlay_page(index))
-    return written
-
-
-def overlay_page(index: list[dict]) -> str:
-    """An HTML page of the overlays: each image with its conversation and one swatch and IoU per target."""
-    items = []
-    for entry in index:
-        legend = "".join(
-            f'<li><span style="background:rgb{PALETTE[k % len(PALETTE)]}">&nbsp;&nbsp;&nbsp;</span> '
-            f"target {k + 1}: IoU {iou:.3f}</li>" for k, iou in enumerate(entry["iou"]))
-        items.append(f'<figure><img src="{html.escape(entry["file"])}"><figcaption><pre>'
-                     f'{html.escape(entry["text"])}</pre><ul>{legend}</ul></figcaption></figure>')
-    return ("<!doctype html><meta charset=utf-8><title>overlays</title><style>figure{display:inline-block;"
-            "vertical-align:top;max-width:44em;margin:1em}pre{white-space:pre-wrap}ul{list-style:none;padding:0}"
-            "</style><p>Left: the image. Right: each predicted mask tinted and numbered, its ground truth "
-            "outlined in the same colour.</p>" + "".join(items) + "\n")
-
-
-def _upscale(scale: int, a: np.ndarray) -> np.ndarray:
-    """Pixel replication, so the numbers and outlines drawn on a small image have room to be read."""
-    return a.repeat(scale, 0).repeat(scale, 1)
-
-
-def _resize_mask(mask: np.ndarray, hw) -> np.ndarray:
-    h, w = int(hw[0]), int(hw[1])
-    if mask.shape == (h, w):
-        return mask.astype(bool)
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127

@@ -12,7 +12,7 @@ import pytest
 from jax._src import compilation_cache
 
 # The demo config at toy size (overrides keep every compiled program identical across tests).
-SMALL = [
+TOY = [
     "model.vision.hidden_size=32", "model.vision.intermediate_size=64", "model.vision.num_layers=2",
     "model.text.hidden_size=64", "model.text.intermediate_size=128", "model.text.num_layers=2",
     "model.head.out_dim=32", "model.head.decoder_depth=1", "model.head.decoder_mlp_dim=64",
@@ -20,6 +20,8 @@ SMALL = [
     "optim.total_steps=50", "train.synthetic_samples=400", "train.log_every=1", "train.progress=false",
     "train.compilation_cache=''",
 ]
+# ... on the built-in synthetic set in memory, not the demo's files.
+SMALL = [*TOY, "data.datasets=[synthetic]", "data.sample_rates=[1.0]", "data.val=[]"]
 
 
 @pytest.fixture(scope="session")

@@ -35,10 +35,13 @@ def pieces_of(directory, text=WORDS):
     return spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).encode(text, out_type=str)
 
 
+SYNTHETIC = ["data.datasets=[synthetic]", "data.sample_rates=[1.0]", "data.val=[]"]  # the built-in set in memory
+
+
 def test_built_from_the_configured_datasets(tmp_path):
     spec = write_made_up_muse(tmp_path / "muse")
-    muse = build_tokenizer(load_config("demo", [f'data.datasets=["{spec}"]']), tmp_path / "muse_tok")
-    synthetic = build_tokenizer(load_config("demo"), tmp_path / "synthetic_tok")
+    muse = build_tokenizer(load_config("demo", [f'data.datasets=["{spec}"]', "data.sample_rates=[1.0]"]), tmp_path / "muse_tok")
+    synthetic = build_tokenizer(load_config("demo", SYNTHETIC), tmp_path / "synthetic_tok")
     assert len(pieces_of(muse)) < len(pieces_of(synthetic))
     assert spm.SentencePieceProcessor(model_file=str(muse / "tokenizer.model")).vocab_size() == 640
 
@@ -46,10 +49,10 @@ def test_built_from_the_configured_datasets(tmp_path):
 def test_unusable_records_and_vocabulary_sizes(tmp_path):
     spec = write_made_up_muse(tmp_path / "muse", images=False)
     with pytest.raises(ConfigError, match="none of the 4 records"):
-        build_tokenizer(load_config("demo", [f'data.datasets=["{spec}"]']), tmp_path / "tok")
+        build_tokenizer(load_config("demo", [f'data.datasets=["{spec}"]', "data.sample_rates=[1.0]"]), tmp_path / "tok")
     with pytest.raises(ConfigError, match="model.text.vocab_size"):
-        built_tokenizer_pieces(load_config("demo", ["model.text.vocab_size=100"]))
-    assert built_tokenizer_pieces(load_config("demo")) == 640
+        built_tokenizer_pieces(load_config("demo", [*SYNTHETIC, "model.text.vocab_size=100"]))
+    assert built_tokenizer_pieces(load_config("demo", SYNTHETIC)) == 640
     with pytest.raises(ConfigError, match="train.tokenizer"):  # a real-size vocabulary needs a real tokenizer
         built_tokenizer_pieces(load_config("pixellm_7b"))
 

@@ -72,6 +72,10 @@ def test_training_on_muse_layout_data_from_own_paths(user_data, compile_cache, c
         assert 0.0 <= e["val/exact_targets"] <= 1.0 and 0.0 < e["val/baseline_giou"] <= 1.0
         assert "val_tf/exact_targets" not in e
     assert run["best_checkpoint"] in (3, 6) and run["heldout_splits"] == ["val", "val_tf"]
+    # overlays of the first split's generated answers: question, numbered answer, reference, IoUs
+    overlays = json.load(open("runs/mine/overlays/index.json"))
+    assert overlays and all(e["text"].startswith("Q: ") and "\nReference: " in e["text"] for e in overlays)
+    assert all(len(e["iou"]) == len(e["targets"]) >= 1 for e in overlays)
     assert "eval val @ step 6" in printed and "eval val_tf @ step 6" in printed
     assert re.search(r"held-out val: gIoU [\d.]+ cIoU [\d.]+, exact targets [\d.]+% \(generated answers\); "
                      r"marking everything: gIoU [\d.]+", printed)
