@@ -113,7 +113,7 @@ def sample_items(
     except ValueError as e:
         raise BadSample(sample.sample_id, str(e)) from None
     items = []
-    scene_mask = getattr(source, "scene_mask", None) if protocol == "generate" else None
+    scene_mask = getattr(source, "scene_mask", None)
     scene = scene_mask(index) if scene_mask is not None else None
     for ci, conv in enumerate(sample.conversations):
         question, answer = conv.turns[0]

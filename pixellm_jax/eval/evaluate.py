@@ -5,9 +5,11 @@ Each split is a random-access `Source` with a protocol:
   reference answer, gIoU / cIoU over targets (`metrics.ReferringMeter`);
 * `generate` (MUSE and other open answers): the official `ar_validate` — greedy (or sampled) answers
   with their masks, Hungarian-matched to the ground truths per question, both the corrected and the
-  official-compatible MUSE metrics (`metrics.MuseMeter`); optionally the LLM-judge prompts. Sources
-  that know every annotated instance of an image (MUSE) also give `baseline_giou`: the corrected gIoU
-  of predicting each target as the union of all of them ("mark everything"), the floor a model must beat.
+  official-compatible MUSE metrics (`metrics.MuseMeter`); optionally the LLM-judge prompts.
+
+Sources that know every annotated instance of an image (MUSE layout) also give, under either protocol,
+`baseline_giou`: the mean IoU of predicting each target as the union of all of them ("mark
+everything"), the floor a model must beat.
 
 A sample the source rejects (`BadSample`) is skipped and counted by reason (`skipped_by_reason`,
 keys of `sample.DROP_REASONS`). A split that scored no row has no metric (None) and fails the run
@@ -148,9 +150,6 @@ def evaluate_split(
                 match = match_question(logits, item.gt, settings.seed, (item.sample_index, item.conversation),
                                        settings.num_points)
                 muse.add(match, num_pred, item.gt.shape[0])
-                if item.scene is not None:
-                    for gt in item.gt:
-                        counts[3:] += (exact_iou(*intersection_union(item.scene, gt)), 1)
                 counts[1] += bool(out["overflow"][j])
                 record.update(
                     answer=answer, reference_answer=number_placeholders(item.answer),
@@ -163,6 +162,9 @@ def evaluate_split(
                     kept.append((item.sample_index, logits > 0, item.gt, record))
                 if settings.judge:
                     prompts.append((f"{split.name}/{item.sample_id}/{item.conversation}", judge_prompt(record, item.gt)))
+            if item.scene is not None:
+                for gt in item.gt:
+                    counts[3:] += (exact_iou(*intersection_union(item.scene, gt)), 1)
             records.append(record)
     if open_image is not None:
         muse.close_image()
@@ -179,8 +181,8 @@ def evaluate_split(
     else:
         metrics.update(MuseMeter.result(muse_sums))
         metrics["overflow_answers"] = int(counts[1])
-        # every target predicted as the union of the image's annotated instances (corrected IoU)
-        metrics["baseline_giou"] = counts[3] / counts[4] if counts[4] else None
+    # every target predicted as the union of the image's annotated instances (IoU = I / U)
+    metrics["baseline_giou"] = counts[3] / counts[4] if counts[4] else None
     metrics.update(malformed_answers=int(counts[0]), rows=int(sizes[0]), skipped_samples=int(sizes[1]),
                    skipped_by_reason={key: int(n) for key, n in zip(DROP_REASONS, by_reason) if n})
     return SplitResult(metrics, records, prompts, skipped, kept)

@@ -20,13 +20,20 @@ from pixellm_jax.cli import main as cli_main
 from tests.convert import fixtures as fx
 from tests.data.test_refer import write_refer
 from tests.muse_layout import write_muse_layout
-from tests.train.conftest import SMALL
+from tests.train.conftest import TOY
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 FIRST_DOCS = ("TRAINING.md", "DATA.md", "CONVERSION.md", "EVALUATION.md")
-SHORT_TRAIN = [*SMALL, "train.steps=2", "train.eval_every=2", "train.eval_batches=1", "train.save_every=2",
-               "train.overlays=1"]
+# The data each command names stay (the demo's files, the user's): three questions per image fit in
+# six conversation slots of two images.
+SHORT_TRAIN = [*TOY, "train.steps=2", "train.eval_every=2", "train.eval_batches=1", "train.save_every=2",
+               "train.overlays=1", "data.conversations_per_batch=6"]
+# The demo's held-out splits, cut to a few records (generated answers at random weights run to the
+# length limit).
+DEMO_DATA = "runs/demo_data"
+SHORT_DEMO_VAL = [f"data.val=['muse_val=muse:json={DEMO_DATA}/muse_val.json,images={DEMO_DATA}/images,limit=3', "
+                  f"'refer_val=muse:json={DEMO_DATA}/refer_val.json,images={DEMO_DATA}/images,protocol=teacher_forced,limit=3']"]
 SHORT_INFERENCE = ["--max-new-tokens", "16", "--images-per-batch", "2", "--rows-per-batch", "2"]
 TINY_CONVERT = ["--config", "tiny", "--no-progress"]  # the fixtures are tiny releases, not 7B ones
 
@@ -96,8 +103,8 @@ def _extra(argv: list[str]) -> list[str]:
     """The shortening overrides of one command."""
     command = argv[1]
     if command == "train":
-        # docs/MULTI_TARGET.md's data hold three questions per image: the slots of its own command stay
-        return SHORT_TRAIN + (["data.conversations_per_batch=12"] if any("mt_data" in a for a in argv) else [])
+        demo_data = argv[2:4] == ["--config", "demo"] and not any(a.startswith("data.val=") for a in argv)
+        return SHORT_TRAIN + (SHORT_DEMO_VAL if demo_data else [])
     if command == "eval":
         return [*SHORT_INFERENCE, "--no-progress"]
     if command == "predict":
@@ -113,7 +120,9 @@ def _check_outputs(cwd: Path) -> None:
     demo = cwd / "runs" / "demo"
     assert (demo / "model" / "params").is_dir() and (demo / "overlays" / "overlay_00.png").is_file()
     summary = json.loads((demo / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["heldout_splits"] == ["synthetic"]
+    assert summary["steps"] == 2 and summary["heldout_splits"] == ["muse_val", "refer_val"]
+    assert "muse_val/exact_targets" in summary["eval_metrics"] and "muse_val/baseline_giou" in summary["eval_metrics"]
+    assert "\nReference: " in json.loads((demo / "overlays" / "index.json").read_text())[0]["text"]
     mine = json.loads((cwd / "runs" / "mine" / "summary.json").read_text())
     assert mine["heldout_splits"] == ["val"] and "val/giou" in mine["eval_metrics"]
     assert (cwd / "my_tok" / "tokenizer.model").is_file()

@@ -17,7 +17,7 @@ def _trained(overrides):
 
 
 def test_all_trains_everything_but_clip_unless_the_tower_is_trainable():
-    params, frozen = _trained(["train.trainable=all", "model.frozen_param_dtype=bfloat16"])
+    params, frozen = _trained(["train.trainable=all", "model.vision.trainable=false", "model.frozen_param_dtype=bfloat16"])
     assert "vision_tower" not in params and "vision_tower" in frozen
     assert {"llm", "mask_decoder", "text_hidden_fcs", "image_feature_neck"} <= set(params)
     # trained weights are float32 even where the storage dtype of frozen weights is bf16
@@ -27,16 +27,18 @@ def test_all_trains_everything_but_clip_unless_the_tower_is_trainable():
     assert "vision_tower" in params and "vision_tower" not in frozen
 
 
-def test_the_demo_trains_the_official_set():
-    params, frozen = _trained([])
+def test_the_official_set_keeps_clip_and_the_llm_body_frozen():
+    params, frozen = _trained(["model.vision.trainable=false"])
     assert "vision_tower" in frozen and "text_hidden_fcs" in params and "mask_decoder" in params
     layers = params["llm"]["layers"]["self_attn"]
     assert set(layers["q_proj"]) == {"lora_a", "lora_b"}  # the LLM body stays frozen
     assert "kernel" in frozen["llm"]["layers"]["self_attn"]["q_proj"]
 
 
-def test_the_official_set_with_a_trainable_tower_adds_only_the_tower():
-    params, frozen = _trained(["model.vision.trainable=true"])
+def test_the_demo_trains_the_official_set_and_the_tower():
+    params, frozen = _trained([])
     assert "vision_tower" in params and "vision_tower" not in frozen
+    attention = params["llm"]["layers"]["self_attn"]
     assert "kernel" in frozen["llm"]["layers"]["self_attn"]["q_proj"]  # the LLM body stays frozen
-    assert set(params["llm"]["layers"]["self_attn"]["q_proj"]) == {"lora_a", "lora_b"}
+    assert {name for name in attention if set(attention[name]) == {"lora_a", "lora_b"}} == {"q_proj", "k_proj", "v_proj"}
+    assert "o_proj" not in attention and "mlp" not in params["llm"]["layers"]
