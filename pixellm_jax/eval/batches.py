@@ -113,8 +113,12 @@ def sample_items(
     except ValueError as e:
         raise BadSample(sample.sample_id, str(e)) from None
     items = []
-    scene_mask = getattr(source, "scene_mask", None)
-    scene = scene_mask(index) if scene_mask is not None else None
+    scene = None
+    if hasattr(source, "scene_mask"):
+        try:
+            scene = source.scene_mask(index)
+        except BadSample:  # an unreadable instance no question refers to: no baseline for this image
+            scene = None
     for ci, conv in enumerate(sample.conversations):
         question, answer = conv.turns[0]
         if protocol == "teacher_forced":
