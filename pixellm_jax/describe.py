@@ -18,15 +18,17 @@ from flax import nnx
 
 from pixellm_jax.config import Config, load_config
 from pixellm_jax.models.lora import LoRAParam
-from pixellm_jax.models.trainable import build_pixellm, trainable_filter
+from pixellm_jax.models.trainable import build_pixellm
 from pixellm_jax.objective import pixellm_objective
 from pixellm_jax.tokens import IMAGE_TOKEN
+from pixellm_jax.train.state import train_filter
 
 
 def parameter_table(cfg: Config) -> list[tuple[str, int, int, int]]:
-    """(component, parameters, trainable, bytes) per top-level module, from abstract shapes."""
+    """(component, parameters, trainable, bytes) per top-level module, from abstract shapes; trainable
+    as the run trains them (`train.trainable`, `model.vision.trainable`)."""
     model = nnx.eval_shape(lambda: build_pixellm(cfg.model))
-    trainable = trainable_filter(cfg.model)
+    trainable = train_filter(cfg)
     rows: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = str(path[0]) if path[0] != "llm" else f"llm.{path[1]}"

@@ -293,7 +293,7 @@ class Trainer:
         metrics, kept = self.heldout.evaluate(eval_step, self.state, self.frozen, self.shardings, keep)
         self.writer.write(step, metrics, kind="eval")
         for name in self.heldout.names:
-            m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{name}/")}
+            m = split_metrics(metrics, name)
             loss = f" val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
             dropped = f", {m['dropped']:.0f} dropped" if m.get("dropped") else ""
             exact = f" exact targets {m['exact_targets']:.1%}" if "exact_targets" in m else ""
@@ -367,13 +367,18 @@ def main(config: str, overrides: list[str]) -> int:
     return 0
 
 
+def split_metrics(metrics: dict[str, float], name: str) -> dict[str, float]:
+    """One held-out split's metrics out of the flat `<split>/<metric>` ones, without the prefix."""
+    return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{name}/")}
+
+
 def heldout_lines(metrics: dict[str, float]) -> list[str]:
     """One line per held-out split of the last evaluation: gIoU, cIoU and, for generated answers, the
     share of answers with exactly the right targets and the mark-everything baseline."""
     splits = dict.fromkeys(k.split("/", 1)[0] for k in metrics if "/" in k)
     lines = []
     for name in splits:
-        m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{name}/")}
+        m = split_metrics(metrics, name)
         if "giou" not in m:
             continue
         line = f"held-out {name}: gIoU {m['giou']:.4f} cIoU {m['ciou']:.4f}"

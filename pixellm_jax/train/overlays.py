@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pixellm_jax.data.transforms import CLIP_MEAN, CLIP_STD, OFFICIAL_MEAN, OFFICIAL_STD
+from pixellm_jax.eval.metrics import exact_iou, intersection_union
 from pixellm_jax.overlay import PALETTE, outlined, overlay
 
 
@@ -55,9 +56,9 @@ def write_overlays(directory: Path, kept: list[tuple[dict, np.ndarray]], hf_toke
             targets = np.flatnonzero(local["mask_valid"][j])
             preds = [_resize_mask(pred[j, t, :mh, :mw], hw) for t in targets]
             truths = [_resize_mask(local["masks"][j, t, :mh, :mw], hw) for t in targets]
-            ious = [_iou(p, g) for p, g in zip(preds, truths)]
+            ious = [exact_iou(*intersection_union(p, g)) for p, g in zip(preds, truths)]
             ids = [int(i) for i in local["input_ids"][j][local["attention_mask"][j]] if i >= 0]
-            picture = _picture(image, preds, truths, range(len(truths)), scale)
+            picture = _picture(image, preds, truths, None, scale)
             entries.append((picture, {"text": hf_tokenizer.decode(ids), "iou": ious,
                                       "targets": [(f"target {k + 1}", k, iou) for k, iou in enumerate(ious)]}))
     return _write(directory, entries)
@@ -108,21 +109,17 @@ def _write(directory: Path, entries: list[tuple[Image.Image, dict]]) -> list[Pat
     return written
 
 
-def _picture(image: np.ndarray, preds: list[np.ndarray], truths: list[np.ndarray], colours: Sequence[int],
+def _picture(image: np.ndarray, preds: list[np.ndarray], truths: list[np.ndarray], colours: Sequence[int] | None,
              scale: int) -> Image.Image:
-    """The image beside its tinted, numbered predictions with the ground truths outlined."""
+    """The image beside its tinted, numbered predictions with the ground truths outlined (ground truth k
+    in colour k, or `colours[k]`)."""
     h, w = image.shape[:2]
     big = _upscale(scale, image)
     tinted = overlay(big, np.asarray([_upscale(scale, p) for p in preds], bool).reshape(len(preds), h * scale, w * scale))
     tinted = outlined(tinted, np.asarray([_upscale(scale, g) for g in truths], bool).reshape(len(truths), h * scale, w * scale),
-                      list(colours))
+                      colours)
     gap = np.full((h * scale, 2 * scale, 3), 255, np.uint8)
     return Image.fromarray(np.concatenate([big, gap, np.asarray(tinted)], 1))
-
-
-def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    union = (pred | truth).sum()
-    return float((pred & truth).sum() / union) if union else 1.0
 
 
 def _image(pixels: np.ndarray, hw: np.ndarray, normalization: str) -> np.ndarray:
