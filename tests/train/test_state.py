@@ -42,3 +42,14 @@ def test_the_demo_trains_the_official_set_and_the_tower():
     assert "kernel" in frozen["llm"]["layers"]["self_attn"]["q_proj"]  # the LLM body stays frozen
     assert {name for name in attention if set(attention[name]) == {"lora_a", "lora_b"}} == {"q_proj", "k_proj", "v_proj"}
     assert "o_proj" not in attention and "mlp" not in params["llm"]["layers"]
+
+
+def test_describe_counts_what_the_run_trains():
+    from pixellm_jax.describe import parameter_table
+
+    rows = {name: (n, trained) for name, n, trained, _ in parameter_table(load_config("demo", SMALL))}
+    assert rows["vision_tower"][1] == rows["vision_tower"][0] > 0  # the demo trains its tower
+    assert rows["llm.layers"][1] == 0 and rows["llm.lora"][1] == rows["llm.lora"][0] > 0
+    frozen_tower = {name: trained for name, _, trained, _ in
+                    parameter_table(load_config("demo", [*SMALL, "model.vision.trainable=false"]))}
+    assert frozen_tower["vision_tower"] == 0
