@@ -51,7 +51,7 @@ def forward_intermediates(
     images = model.encode_images(pixels, resized_hw)
     spliced, out = model.language(images, input_ids, attention_mask, conv_image)
     prompts, seg = model.seg_embeddings(out.hidden, spliced.token_ids)
-    low, _ = model.decode_masks(images, out.hidden, spliced.token_ids, conv_image)
+    low = model.decode_prompts(images, prompts, conv_image)
     masks, _ = target_masks(low, jnp.asarray(resized_hw), jnp.asarray(original_hw), jnp.asarray(conv_image),
                             out_hw, model.cfg.vision.image_size)
     return Intermediates(list(images.vision), images.llm_tokens, list(images.decoder), out.hidden, out.logits,

@@ -31,6 +31,7 @@ import numpy as np
 from pixellm_jax.config import Config
 from pixellm_jax.convert.errors import ConversionError
 from pixellm_jax.convert.readers import to_torch
+from pixellm_jax.convert.stream import grown_slice
 from pixellm_jax.convert.tables import PERMUTATIONS, Table, clip_rules, llama_rules, pixellm_head_rules
 from pixellm_jax.convert.validate import Plan
 
@@ -87,10 +88,6 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _grown_slice(load, x: np.ndarray) -> tuple[slice, ...]:
-    return (slice(None),) * load.grow + (slice(0, x.shape[load.grow]),)
-
-
 def check_stored(params: dict[str, np.ndarray], plan: Plan, report: CheckReport) -> None:
     """Every loaded source tensor against the stored parameter (see the module docstring)."""
     for load in plan.loads:
@@ -99,7 +96,7 @@ def check_stored(params: dict[str, np.ndarray], plan: Plan, report: CheckReport)
         if load.layer is not None:
             stored = stored[load.layer]
         if load.grow is not None:
-            stored = stored[_grown_slice(load, x)]
+            stored = stored[grown_slice(load, x)]
         name = load.info.key + (f" -> {load.target}[{load.layer}]" if load.layer is not None else f" -> {load.target}")
         same_bytes = stored.shape == x.shape and np.array_equal(
             stored.view(np.uint8), np.ascontiguousarray(x.astype(stored.dtype, copy=False)).view(np.uint8))

@@ -124,7 +124,8 @@ def _buffer(target: Target, buffer_dir: Path | None, number: int) -> np.ndarray:
     return np.memmap(buffer_dir / f"{number:05d}.raw", dtype=target.dtype, mode="w+", shape=target.shape)
 
 
-def _grown_slice(load: Load, x: np.ndarray) -> tuple[slice, ...]:
+def grown_slice(load: Load, x: np.ndarray) -> tuple[slice, ...]:
+    """The leading part of a grown target (e.g. an enlarged vocabulary) that source tensor `x` fills."""
     return (slice(None),) * load.grow + (slice(0, x.shape[load.grow]),)
 
 
@@ -157,7 +158,7 @@ def fill_buffers(
             if load.layer is not None:
                 dst = dst[load.layer]
             if load.grow is not None:
-                dst = dst[_grown_slice(load, load.transform.forward(x))]
+                dst = dst[grown_slice(load, load.transform.forward(x))]
             copy_transformed(dst, x, load.transform)
             del x
             bar.update(load.info.nbytes)
@@ -246,7 +247,7 @@ def place_sharded(
             elif loads[0].grow is not None:  # vocabulary grown: one host copy of this matrix, then slices
                 full = np.asarray(jax.device_get(initial[path])).astype(target.dtype)
                 x = _read(loads[0], target.dtype, check)
-                full[_grown_slice(loads[0], x)] = x
+                full[grown_slice(loads[0], x)] = x
                 out[path] = jax.make_array_from_callback(target.shape, shardings[path], lambda idx, f=full: f[idx])
             elif loads[0].layer is not None:
                 by_layer = {ld.layer: ld for ld in loads}

@@ -121,11 +121,17 @@ class PixelLM(nnx.Module):
     ) -> tuple[jax.Array, SegGather]:
         """Mask logits [Q, M, h_out, w_out] for the codebook groups found in `token_ids` [Q, T]."""
         prompts, seg = self.seg_embeddings(hidden, token_ids)
+        return self.decode_prompts(images, prompts, conv_image, image_groups), seg
+
+    def decode_prompts(
+        self, images: ImageFeatures, prompts: jax.Array, conv_image: jax.Array, image_groups: int = 1,
+    ) -> jax.Array:
+        """Mask logits [Q, M, h_out, w_out] of fused prompts [Q, M, L, C] (from `seg_embeddings`)."""
         q, m = prompts.shape[:2]
         image_index = jnp.repeat(conv_image, m)
         masks = self.mask_decoder(images.decoder, prompts.reshape(q * m, *prompts.shape[2:]), image_index,
                                   self.prompt_encoder, image_groups=image_groups)
-        return masks.reshape(q, m, *masks.shape[1:]), seg
+        return masks.reshape(q, m, *masks.shape[1:])
 
     def __call__(
         self,
