@@ -14,7 +14,8 @@ from jax._src import compilation_cache
 # The demo config at toy size (overrides keep every compiled program identical across tests).
 TOY = [
     "model.vision.hidden_size=32", "model.vision.intermediate_size=64", "model.vision.num_layers=2",
-    "model.vision.image_size=64", "model.vision.pretrained_image_size=64", "model.lora.rank=16", "model.lora.alpha=32.0",
+    "model.vision.image_size=64", "model.vision.pretrained_image_size=64",
+    "model.lora.rank=16", "model.lora.alpha=32.0",
     "model.text.hidden_size=64", "model.text.intermediate_size=128", "model.text.num_layers=2",
     "model.head.out_dim=32", "model.head.decoder_depth=1", "model.head.decoder_mlp_dim=64",
     "optim.micro_batch_size=2", "data.conversations_per_batch=4", "optim.warmup_steps=2",
