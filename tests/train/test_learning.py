@@ -16,7 +16,7 @@ import pytest
 
 from pixellm_jax.data.synthetic_layout import write_synthetic_muse
 
-pytestmark = pytest.mark.heavy  # ~4 min on 2 cores
+pytestmark = pytest.mark.heavy  # ~6 min on 2 cores
 
 STEPS = 700
 MARGIN = 0.1
