@@ -11,7 +11,8 @@ import jax
 import pytest
 from jax._src import compilation_cache
 
-# The demo config at toy size (overrides keep every compiled program identical across tests).
+# The demo config at toy size (overrides keep every compiled program identical across tests); the image
+# size and LoRA rank stay at the toy values the tests were sized for, whatever the demo uses.
 TOY = [
     "model.vision.hidden_size=32", "model.vision.intermediate_size=64", "model.vision.num_layers=2",
     "model.vision.image_size=64", "model.vision.pretrained_image_size=64",
