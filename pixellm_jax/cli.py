@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", choices=["tfds", "muse"], default="tfds",
                    help="synthetic: tfds (ArrayRecord records) or muse (MUSE-layout JSON + PNG images under --out, "
                         "reasoning questions in muse_<split>.json, referring ones in refer_<split>.json)")
+    p.add_argument("--reasoning-questions", type=int, default=3,
+                   help="synthetic --layout muse: multi-target reasoning questions per image (kinds in turn)")
+    p.add_argument("--refer-questions", type=int, default=2,
+                   help="synthetic --layout muse: referring questions per image")
     p.add_argument("--on-bad-sample", choices=["skip", "raise"], default="skip",
                    help="skip (and list in the metadata) or stop at an unusable record")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")

@@ -87,6 +87,9 @@ def write_synthetic_muse(
     counts = [num_samples] * len(splits) if isinstance(num_samples, int) else list(num_samples)
     if not splits or len(counts) != len(splits) or min(counts) < 1:
         raise ValueError(f"need at least one split and a positive scene count per split, got {splits}, {num_samples}")
+    if reasoning_questions < 1 or refer_questions < 1:
+        raise ValueError(f"need at least one reasoning and one referring question per image, got "
+                         f"{reasoning_questions} and {refer_questions}")
     if len(set(splits)) != len(splits):
         raise ValueError(f"splits repeat: {list(splits)}")
     if out.exists() and not overwrite:
@@ -125,7 +128,8 @@ def prepare_synthetic_command(args) -> int:
     splits = args.split or ["train", "val"]
     try:
         counts = args.num_samples * len(splits) if len(args.num_samples) == 1 else args.num_samples
-        written = write_synthetic_muse(args.out, splits, counts, args.seed, overwrite=args.overwrite)
+        written = write_synthetic_muse(args.out, splits, counts, args.seed, args.reasoning_questions,
+                                       args.refer_questions, overwrite=args.overwrite)
     except (FileExistsError, ValueError) as e:
         print(f"pixellm prepare-data: error: {e}", file=sys.stderr)
         return 2

@@ -130,3 +130,10 @@ def test_prepare_data_cli_writes_the_muse_layout(tmp_path, capsys):
     assert main(args) == 2 and "exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["prepare-data", "--source", "muse", "--layout", "muse", "--out", str(out)])
+    more = ["prepare-data", "--source", "synthetic", "--layout", "muse", "--out", str(tmp_path / "more"),
+            "--num-samples", "3", "--reasoning-questions", "5", "--refer-questions", "1"]
+    assert main(more) == 0
+    records = json.loads((tmp_path / "more" / "muse_train.json").read_text())
+    assert [len(r["questions"]) for r in records] == [5, 5, 5]
+    assert [len(r["questions"]) for r in json.loads((tmp_path / "more" / "refer_val.json").read_text())] == [1] * 3
+    assert main(more[:-1] + ["0", "--overwrite"]) == 2 and "at least one" in capsys.readouterr().err
