@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchlib  # noqa: E402  (tools/benchlib.py: the script's directory is on sys.path)
+import roofline  # noqa: E402  (tools/roofline.py)
 
 
 OURS_LLM = "ours, LLM only (KV cache, jit)"
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="model.text.scan_layers (same parameters either way; generation runs the layers one "
                          "by one over pre-sliced weights whatever it says, so it only matters to the baselines)")
+    ap.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure this machine's read bandwidth and matmul rate (XLA, torch, NumPy; ~5 s) and "
+                         "report the least time any fp32 generator could take here (tools/roofline.py)")
     args = ap.parse_args(argv)
     pinned = benchlib.pin_threads(args.threads)  # before the first JAX computation
     load = benchlib.LoadRecord()
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     recompute_repeats = 0 if args.skip_recompute else args.recompute_repeats
     repeats = {OURS_LLM: args.repeats, HF: args.repeats, OURS_FULL: args.repeats, RECOMPUTE: recompute_repeats}
+    machine = roofline.measure_machine() if args.roofline else None
     run = benchlib.interleave(systems, repeats, pause=args.pause)
     load.finish()
 
@@ -222,6 +228,17 @@ def main(argv: list[str] | None = None) -> dict:
           + (f"; vs full recomputation (with CLIP and masks): {vs_rec['median_ratio']:.1f}x" if vs_rec else
              "; recomputation skipped"))
     print(f"fraction of greedy tokens equal to ours: {equal}")
+    bound = where = None
+    if machine:
+        prompt_tokens = t + cfg.model.projector.llm_grid ** 2 - 1
+        bound = roofline.generation_bound(cfg.model.text, b, prompt_tokens, n, machine)
+        where = roofline.against(bound, statistics.median(run.times[OURS_LLM]), statistics.median(run.times[HF]))
+        print(f"roofline: this machine reads {machine['best_read_gb_s']} GB/s and multiplies at "
+              f"{machine['best_matmul_gflop_s']} GFLOP/s at best ({machine}); {bound['weights_mb']} MB of weights "
+              f"per step: no fp32 generator can take less than {bound['total_s']:.3f} s (prefill "
+              f"{bound['prefill_s']:.3f} s + decode {bound['decode_s']:.3f} s); ours runs at "
+              f"{where['ours_of_bound']:.0%} of that bound, and the largest ratio any implementation could show "
+              f"against transformers here is {where['max_speedup_vs_other']:.2f}x")
     print(f"load average {load.before:.2f} before, {load.after:.2f} after"
           + ("" if load.idle else f" (NOT idle: above {benchlib.IDLE_LOAD} at the start)"))
     load.warn()
@@ -232,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         "jax": jax.__version__, "torch": torch.__version__, "systems": result,
         "speedup_vs_transformers": vs_hf["median_ratio"], "vs_transformers": vs_hf,
         "speedup_vs_recompute": None if vs_rec is None else vs_rec["median_ratio"], "vs_recompute": vs_rec,
-        "tokens_equal": equal,
+        "tokens_equal": equal, "machine": machine, "bound": bound, "against_bound": where,
     }
     print(json.dumps(report))
     return report
