@@ -1,7 +1,7 @@
 """Generation throughput: our batched KV-cache generator vs transformers `generate`, and vs recomputation.
 
-Four ways of producing the same greedy tokens for one batch of prompts, all on this machine's CPU,
-fp32, from the same weights:
+Four ways of producing the same greedy tokens for one batch of prompts, fp32, from the same weights,
+on JAX's default device and `--torch-device` (default cpu):
   ours, LLM        `eval.generate.generate_tokens` jitted on precomputed image features: prefill +
                    a `while_loop` of KV-cached steps — the same work as transformers below;
                    jitted as `pixellm eval` runs it (`jax.jit` of the model state, split once);
@@ -26,6 +26,7 @@ compared. Prints a table and one JSON line.
   python tools/bench_generate.py                       # 8 x (64 image + 48 text) prompts, 64 new tokens
   python tools/bench_generate.py --layers 12 --hidden 768 --batch 32 --recompute-repeats 0
   python tools/bench_generate.py --threads 1 --repeats 9
+  python tools/bench_generate.py --torch-device cuda --layers 12 --hidden 768   # GPU host: both on the GPU
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="model.text.scan_layers (same parameters either way; generation runs the layers one "
                          "by one over pre-sliced weights whatever it says, so it only matters to the baselines)")
+    ap.add_argument("--torch-device", default="cpu",
+                    help="where transformers runs (cpu, cuda); ours runs on JAX's default device")
     ap.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
                     help="measure this machine's read bandwidth and matmul rate (XLA, torch, NumPy; ~5 s) and "
                          "report the least time any fp32 generator could take here (tools/roofline.py)")
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     from pixellm_jax.tokens import IMAGE_TOKEN
     from tests.eval.tiny import random_model
 
+    if jax.default_backend() != "cpu":
+        jax.config.update("jax_default_matmul_precision", "highest")  # fp32 dots, as torch's default, not TF32
     cfg = bench_config(args)
     model = random_model(cfg, seed=0)
     model.llm.lm_head.kernel.set_value(model.llm.lm_head.kernel[...] * 4)  # varied greedy tokens
@@ -175,14 +180,18 @@ def main(argv: list[str] | None = None) -> dict:
                        static_argnames=("eos_id", "pad_id", "sampling"))
 
     llm_fn, full_fn = jitted(generate_tokens), jitted(generate)
-    hf = to_transformers(model.llm, cfg)
-    prompt = torch.from_numpy(np.array(prompt))
+    device = torch.device(args.torch_device)
+    hf = to_transformers(model.llm, cfg).to(device)
+    prompt = torch.from_numpy(np.array(prompt)).to(device)
+    attention = torch.ones(prompt.shape[:2], dtype=torch.long, device=device)
 
     def transformers_generate():
         with torch.no_grad():
-            return hf.generate(inputs_embeds=prompt, attention_mask=torch.ones(prompt.shape[:2], dtype=torch.long),
-                               max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                               eos_token_id=None, pad_token_id=0)
+            out = hf.generate(inputs_embeds=prompt, attention_mask=attention, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the call is timed to its last kernel, as block_until_ready does ours
+        return out
 
     systems = {
         OURS_LLM: lambda: jax.block_until_ready(
@@ -194,20 +203,23 @@ def main(argv: list[str] | None = None) -> dict:
     }
     recompute_repeats = 0 if args.skip_recompute else args.recompute_repeats
     repeats = {OURS_LLM: args.repeats, HF: args.repeats, OURS_FULL: args.repeats, RECOMPUTE: recompute_repeats}
-    machine = roofline.measure_machine() if args.roofline else None
+    # The roofline measures this host's CPU: it bounds a run only where both sides run there.
+    on_cpu = jax.default_backend() == "cpu" and device.type == "cpu"
+    machine = roofline.measure_machine() if args.roofline and on_cpu else None
     run = benchlib.interleave(systems, repeats, pause=args.pause)
     load.finish()
 
     ours_tokens = np.asarray(run.results[OURS_LLM].tokens)
-    hf_tokens = run.results[HF][:, -n:].numpy()
+    hf_tokens = run.results[HF][:, -n:].cpu().numpy()
     full_tokens = np.asarray(run.results[OURS_FULL].tokens)
     recompute_tokens = np.asarray(run.results[RECOMPUTE].tokens) if recompute_repeats else None
 
     total = b * n
     print(f"batch {b}, prompt {t} text + {cfg.model.projector.llm_grid ** 2} image tokens, {n} new tokens; "
           f"LLM {args.layers}x{args.hidden} ({'scanned' if args.scan_layers else 'looped'} layers), vocab {args.vocab}; "
-          f"fp32 on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
-          f"{pinned['threads']} threads each (CPUs {pinned['cpus']}, torch {pinned['torch_threads']})")
+          f"fp32, JAX on {jax.devices()[0].device_kind}, transformers on {device} "
+          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"{pinned['threads']} threads each, CPUs {pinned['cpus']}, torch {pinned['torch_threads']})")
     print(f"{'system':<44}{'first call s':>14}{'median s':>10}{'min s':>8}{'max s':>8}{'runs':>6}{'tokens/s':>10}")
     result = {}
     for name, times in run.times.items():
@@ -239,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{bound['prefill_s']:.3f} s + decode {bound['decode_s']:.3f} s); ours runs at "
               f"{where['ours_of_bound']:.0%} of that bound, and the largest ratio any implementation could show "
               f"against transformers here is {where['max_speedup_vs_other']:.2f}x")
+    elif args.roofline:
+        print("roofline: skipped (it measures this host's CPU; JAX or transformers runs elsewhere)")
     print(f"load average {load.before:.2f} before, {load.after:.2f} after"
           + ("" if load.idle else f" (NOT idle: above {benchlib.IDLE_LOAD} at the start)"))
     load.warn()
@@ -246,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "generate", "batch": b, "prompt_tokens": t + cfg.model.projector.llm_grid ** 2 - 1, "new_tokens": n,
         "llm_layers": args.layers, "llm_hidden": args.hidden, "vocab": args.vocab, "scan_layers": args.scan_layers,
         "cpu_count": os.cpu_count(), "pinned": pinned, **load.as_dict(),
+        "jax_device": jax.devices()[0].device_kind, "torch_device": str(device),
         "jax": jax.__version__, "torch": torch.__version__, "systems": result,
         "speedup_vs_transformers": vs_hf["median_ratio"], "vs_transformers": vs_hf,
         "speedup_vs_recompute": None if vs_rec is None else vs_rec["median_ratio"], "vs_recompute": vs_rec,

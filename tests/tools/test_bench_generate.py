@@ -17,6 +17,14 @@ def test_generate_benchmark_compares_interleaved_medians():
     assert report["speedup_vs_transformers"] == report["vs_transformers"]["median_ratio"] > 0
     assert {"load_before", "load_after", "idle"} <= set(report) and report["pinned"]["torch_threads"] >= 1
     assert report["bound"]["total_s"] > 0 and 0 < report["against_bound"]["ours_of_bound"]
+    assert report["torch_device"] == "cpu" and report["jax_device"]
+
+
+def test_generate_benchmark_takes_the_torch_device():
+    report = bench.main([*SMALL, "--repeats", "1", "--recompute-repeats", "0", "--torch-device", "cpu",
+                         "--no-roofline"])
+    assert report["tokens_equal"]["transformers"] == 1.0 and report["torch_device"] == "cpu"
+    assert report["bound"] is None and report["machine"] is None
 
 
 def test_profile_attributes_the_decode_step():
