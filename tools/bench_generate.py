@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     from pixellm_jax.tokens import IMAGE_TOKEN
     from tests.eval.tiny import random_model
 
-    if jax.default_backend() != "cpu":
+    jax_on_cpu, jax_device = jax.default_backend() == "cpu", jax.devices()[0].device_kind
+    if not jax_on_cpu:
         jax.config.update("jax_default_matmul_precision", "highest")  # fp32 dots, as torch's default, not TF32
     cfg = bench_config(args)
     model = random_model(cfg, seed=0)
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     recompute_repeats = 0 if args.skip_recompute else args.recompute_repeats
     repeats = {OURS_LLM: args.repeats, HF: args.repeats, OURS_FULL: args.repeats, RECOMPUTE: recompute_repeats}
     # The roofline measures this host's CPU: it bounds a run only where both sides run there.
-    on_cpu = jax.default_backend() == "cpu" and device.type == "cpu"
+    on_cpu = jax_on_cpu and device.type == "cpu"
     machine = roofline.measure_machine() if args.roofline and on_cpu else None
     run = benchlib.interleave(systems, repeats, pause=args.pause)
     load.finish()
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = b * n
     print(f"batch {b}, prompt {t} text + {cfg.model.projector.llm_grid ** 2} image tokens, {n} new tokens; "
           f"LLM {args.layers}x{args.hidden} ({'scanned' if args.scan_layers else 'looped'} layers), vocab {args.vocab}; "
-          f"fp32, JAX on {jax.devices()[0].device_kind}, transformers on {device} "
+          f"fp32, JAX on {jax_device}, transformers on {device} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{pinned['threads']} threads each, CPUs {pinned['cpus']}, torch {pinned['torch_threads']})")
     print(f"{'system':<44}{'first call s':>14}{'median s':>10}{'min s':>8}{'max s':>8}{'runs':>6}{'tokens/s':>10}")
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "generate", "batch": b, "prompt_tokens": t + cfg.model.projector.llm_grid ** 2 - 1, "new_tokens": n,
         "llm_layers": args.layers, "llm_hidden": args.hidden, "vocab": args.vocab, "scan_layers": args.scan_layers,
         "cpu_count": os.cpu_count(), "pinned": pinned, **load.as_dict(),
-        "jax_device": jax.devices()[0].device_kind, "torch_device": str(device),
+        "jax_device": jax_device, "torch_device": str(device),
         "jax": jax.__version__, "torch": torch.__version__, "systems": result,
         "speedup_vs_transformers": vs_hf["median_ratio"], "vs_transformers": vs_hf,
         "speedup_vs_recompute": None if vs_rec is None else vs_rec["median_ratio"], "vs_recompute": vs_rec,
